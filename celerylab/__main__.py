@@ -1,0 +1,5 @@
+import sys
+
+from celerylab.cli import main
+
+sys.exit(main())

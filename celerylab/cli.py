@@ -1,0 +1,220 @@
+"""``python -m celerylab <command>``: what ./course runs after setting up the virtualenv.
+
+    open     check the machine can run the course, then start JupyterLab on 127.0.0.1 (token on)
+    test     the whole test suite (pytest; notebooks in parallel)
+    doctor   what is installed, what answers, what is left running
+    reset    stop anything the course left running and delete its runtime files;
+             --labs also restores labs/ to fresh copies (yours are backed up first)
+    build    regenerate notebooks/, labs/ and solutions/ from sources/ (--check: only report drift)
+    bench    print the figures of docs/benchmarks.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from celerylab.errors import CourseError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _preflight() -> str:
+    """Prove a course Redis can start here (or REDIS_URL answers); return a one-line summary."""
+    from celerylab.broker import RedisServer, check_reachable, redact
+    from celerylab.processes import home
+
+    if os.environ.get("REDIS_URL"):
+        check_reachable(os.environ["REDIS_URL"]).close()
+        return f"using REDIS_URL={redact(os.environ['REDIS_URL'])} (opt-in)"
+    server = RedisServer(home() / "run" / f"preflight-{os.getpid()}")
+    t0 = time.monotonic()
+    server.start()
+    took = time.monotonic() - t0
+    server.stop()
+    shutil.rmtree(server.rundir, ignore_errors=True)
+    return (f"course Redis OK: {server.binary} (from {server.source}) answered in {took:.2f} s; "
+            "each notebook starts its own on a free 127.0.0.1 port")
+
+
+def _free_port(start: int) -> int:
+    import socket
+    for port in range(start, start + 100):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                return port
+            except OSError:
+                continue
+    raise CourseError(f"No free port in {start}-{start + 99} for JupyterLab; set "
+                      "CELERYLAB_JUPYTER_PORT to a free one.")
+
+
+def cmd_open(args) -> int:
+    print(f"celerylab: {_preflight()}", flush=True)
+    port = int(os.environ.get("CELERYLAB_JUPYTER_PORT") or 0) or _free_port(8888)
+    token = os.environ.get("JUPYTER_TOKEN") or secrets.token_hex(24)
+    cmd = [sys.executable, "-m", "jupyter", "lab", "--ServerApp.ip=127.0.0.1",
+           f"--ServerApp.port={port}", "--ServerApp.port_retries=0",
+           f"--ServerApp.root_dir={ROOT}"]
+    if args.no_browser or os.environ.get("CI") or os.environ.get("CELERYLAB_NO_BROWSER"):
+        cmd.append("--ServerApp.open_browser=False")
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        cmd.append("--allow-root")  # containers and CI run as root
+    env = {**os.environ, "JUPYTER_TOKEN": token}  # the token stays on, and off the command line
+    lab = subprocess.Popen(cmd, env=env, cwd=ROOT)
+    url = f"http://127.0.0.1:{port}/lab?token={token}"
+    deadline = time.monotonic() + 60
+    while lab.poll() is None and time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/status?token={token}",
+                                        timeout=1):
+                break
+        except OSError:
+            time.sleep(0.2)
+    if lab.poll() is not None:
+        print(f"celerylab: JupyterLab exited (code {lab.returncode}); see its messages above. "
+              f"Is port {port} free? Set CELERYLAB_JUPYTER_PORT to another.", file=sys.stderr)
+        return 1
+    print(f"\n  The course is open:  {url}\n  Start with notebooks/ch00_setup.ipynb. "
+          "Stop with Ctrl-C (every worker and Redis the notebooks started stops too).\n",
+          flush=True)
+
+    def forward(signum, _frame):
+        lab.send_signal(signal.SIGINT if signum == signal.SIGINT else signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    try:
+        code = lab.wait()
+    except KeyboardInterrupt:
+        lab.terminate()
+        code = lab.wait()
+    return 0 if code in (0, -signal.SIGTERM, -signal.SIGINT) else code
+
+
+def cmd_test(args) -> int:
+    import pytest
+    extra = list(args.pytest_args)
+    if not any(a.startswith("-n") for a in extra):
+        extra = ["-n", "2", "--dist", "loadfile", *extra]
+    return pytest.main([str(ROOT / "tests"), *extra])
+
+
+def cmd_build(args) -> int:
+    from celerylab.labgen import build
+    changed = build(check=args.check)
+    for p in changed:
+        print(("out of date: " if args.check else "wrote: ") + str(p.relative_to(ROOT)))
+    if args.check and changed:
+        print("Run ./course build (or make labs) and commit the result.", file=sys.stderr)
+        return 1
+    if not changed:
+        print("notebooks, labs and solutions are up to date with sources/")
+    return 0
+
+
+def course_processes() -> list[tuple[int, str]]:
+    """(pid, command) of live processes the course started, from its pid notes."""
+    from celerylab.processes import home, pid_alive
+    found = []
+    for note in sorted((home() / "pids").glob("*")):
+        pid = int(note.name)
+        if pid_alive(pid):
+            found.append((pid, note.read_text().split(" ", 1)[-1].strip()))
+        else:
+            note.unlink(missing_ok=True)
+    return found
+
+
+def cmd_reset(args) -> int:
+    from celerylab.processes import home
+    from celerylab.watchdog import terminate
+    left = course_processes()
+    terminate({pid for pid, _ in left})
+    print(f"stopped {len(left)} leftover process(es)" if left else "nothing was left running")
+    shutil.rmtree(home() / "run", ignore_errors=True)
+    shutil.rmtree(home() / "pids", ignore_errors=True)
+    removed = [p for d in ("notebooks", "labs", "solutions") for p in (ROOT / d).glob("*_tasks.py")]
+    for p in removed:
+        p.unlink()
+    print(f"deleted runtime files and {len(removed)} generated task module(s)")
+    if args.labs:
+        from celerylab.labgen import targets
+        backup = home() / "backup" / time.strftime("%Y%m%d-%H%M%S")
+        for path, text in targets().items():
+            if path.parent.name == "labs":
+                if path.exists() and path.read_text() != text:
+                    backup.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(path, backup / path.name)
+                path.write_text(text)
+        print("labs/ restored to fresh copies" + (f"; your versions are in {backup}"
+                                                   if backup.exists() else ""))
+    return 0
+
+
+def cmd_doctor(args) -> int:
+    import importlib.metadata as md
+    good = True
+    print(f"python   {sys.version.split()[0]} ({sys.executable})")
+    for pkg in ("celery", "kombu", "redis", "jupyterlab", "ipywidgets", "matplotlib", "nbval"):
+        try:
+            print(f"{pkg:<9}{md.version(pkg)}")
+        except md.PackageNotFoundError:
+            good = False
+            print(f"{pkg:<9}MISSING -> ./course setup")
+    try:
+        print(f"broker   {_preflight()}")
+    except CourseError as exc:
+        good = False
+        print(f"broker   PROBLEM: {exc}")
+    from celerylab.rabbit import rabbitmq_status
+    print(f"rabbitmq {rabbitmq_status()[1]}")
+    left = course_processes()
+    print("left     " + (", ".join(f"{p} {c}" for p, c in left) + "  -> ./course reset"
+                         if left else "nothing left running"))
+    from celerylab.labgen import build
+    drift = build(check=True)
+    print("notebooks " + ("up to date" if not drift else f"{len(drift)} out of date -> ./course build"))
+    return 0 if good else 1
+
+
+def cmd_bench(args) -> int:
+    from celerylab.bench import main as bench
+    return bench(args.notebooks)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="celerylab", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("open")
+    p.add_argument("--no-browser", action="store_true")
+    p.set_defaults(fn=cmd_open)
+    p = sub.add_parser("test")
+    p.add_argument("pytest_args", nargs=argparse.REMAINDER)
+    p.set_defaults(fn=cmd_test)
+    p = sub.add_parser("build")
+    p.add_argument("--check", action="store_true")
+    p.set_defaults(fn=cmd_build)
+    p = sub.add_parser("reset")
+    p.add_argument("--labs", action="store_true", help="restore labs/ (backs up your versions)")
+    p.set_defaults(fn=cmd_reset)
+    sub.add_parser("doctor").set_defaults(fn=cmd_doctor)
+    p = sub.add_parser("bench")
+    p.add_argument("--notebooks", action="store_true", help="also time every notebook")
+    p.set_defaults(fn=cmd_bench)
+    args = parser.parse_args(argv)
+    try:
+        return args.fn(args)
+    except CourseError as exc:
+        print(f"celerylab: {exc}", file=sys.stderr)
+        return 1

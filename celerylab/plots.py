@@ -1,0 +1,101 @@
+"""Pictures of what was measured: tables, per-process timelines, latency distributions."""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Iterable
+
+import matplotlib.pyplot as plt
+
+from celerylab.recording import Attempt, percentile
+
+STATE_COLORS = {"SUCCESS": "tab:green", "FAILURE": "tab:red", "RETRY": "tab:orange", None: "tab:gray"}
+
+
+def table(rows: Iterable, columns: list[str] | None = None):
+    """An HTML table of dicts (or Attempts) for the notebook; plain text elsewhere."""
+    rows = [r if isinstance(r, dict) else _attempt_row(r) for r in rows]
+    columns = columns or list(dict.fromkeys(k for r in rows for k in r))
+
+    class _Table:
+        def _repr_html_(self) -> str:
+            head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+            body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(r.get(c)))}</td>"
+                                            for c in columns) + "</tr>" for r in rows)
+            return f"<table><tr>{head}</tr>{body}</table>"
+
+        def __repr__(self) -> str:
+            lines = ["  ".join(columns)]
+            lines += ["  ".join(_fmt(r.get(c)) for c in columns) for r in rows]
+            return "\n".join(lines)
+
+    return _Table()
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.3f}"
+    return "" if v is None else str(v)
+
+
+def _attempt_row(a: Attempt) -> dict:
+    t0 = a.sent or a.received or 0
+    rel = lambda t: None if t is None else t - t0  # noqa: E731
+    return {"task": a.name.rsplit(".", 1)[-1], "id": a.id[:8], "queue": a.queue,
+            "received +s": rel(a.received), "started +s": rel(a.started),
+            "finished +s": rel(a.finished), "worker": a.host, "pid": a.pid, "state": a.state,
+            "retries": a.retries, "redelivered": a.redelivered}
+
+
+def timeline(attempts: list[Attempt], title: str = "Who ran what, when", ax=None):
+    """One row per process (worker/pid): a thin line while a task waits, a bar while it runs."""
+    runs = [a for a in attempts if a.started is not None]
+    if not runs:
+        raise ValueError("no started task in these records")
+    t0 = min(a.sent or a.started for a in runs)
+    lanes = sorted({(a.host, a.pid) for a in runs}, key=lambda k: (k[0] or "", k[1] or 0))
+    ax = ax or plt.subplots(figsize=(9, 0.55 * len(lanes) + 1.4))[1]
+    for a in runs:
+        y = lanes.index((a.host, a.pid))
+        end = a.finished if a.finished is not None else a.started
+        ax.barh(y, max(end - a.started, 0.002), left=a.started - t0, height=0.6,
+                color=STATE_COLORS.get(a.state, "tab:blue"), edgecolor="white")
+        if a.sent is not None:
+            ax.plot([a.sent - t0, a.started - t0], [y + 0.38, y + 0.38], color="0.6", lw=0.8)
+    ax.set_yticks(range(len(lanes)), [f"{h} pid {p}" for h, p in lanes])
+    ax.set_xlabel("seconds since the first message was sent")
+    ax.set_title(title + "  (bar: running, grey line: waiting since sent; green ok, red failed)")
+    ax.figure.tight_layout()
+    return ax
+
+
+def latency_distributions(series: dict[str, list[float]], title: str, unit: str = "s",
+                          log: bool = False, ax=None):
+    """Dots for every measurement, per series, with p50 and p95 marked."""
+    ax = ax or plt.subplots(figsize=(8, 3.2))[1]
+    for i, (label, values) in enumerate(series.items()):
+        xs = [i + 0.12 * ((k % 7) - 3) / 3 for k in range(len(values))]
+        ax.scatter(xs, values, s=14, alpha=0.6)
+        for q, style in ((50, "-"), (95, "--")):
+            v = percentile(values, q)
+            ax.plot([i - 0.3, i + 0.3], [v, v], style, color="black", lw=1)
+            ax.annotate(f"p{q} {v:.3g} {unit}", (i + 0.32, v), fontsize=8, va="center")
+    ax.set_xticks(range(len(series)), list(series))
+    ax.set_xlim(-0.6, len(series) - 0.1)
+    if log:
+        ax.set_yscale("log")
+    ax.set_ylabel(unit)
+    ax.set_title(title)
+    ax.figure.tight_layout()
+    return ax
+
+
+def bars(values: dict[str, float], title: str, ylabel: str, ax=None):
+    ax = ax or plt.subplots(figsize=(6, 3))[1]
+    ax.bar(list(values), list(values.values()), color="tab:blue")
+    for i, v in enumerate(values.values()):
+        ax.annotate(f"{v:.3g}", (i, v), ha="center", va="bottom", fontsize=9)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.figure.tight_layout()
+    return ax

@@ -1,0 +1,188 @@
+"""OS processes the course starts: each in its own process group, registered with a watchdog.
+
+Every process group is registered with the kernel's watchdog (see ``celerylab.watchdog``), so it is
+stopped even if the kernel is killed. ``stop`` is TERM to the group leader, then KILL to the whole
+group after a bound.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+
+def home() -> Path:
+    """Where runtime files go: $CELERYLAB_HOME, the repository checkout, or ~/.cache/celerylab."""
+    if os.environ.get("CELERYLAB_HOME"):
+        return Path(os.environ["CELERYLAB_HOME"])
+    repo = Path(__file__).resolve().parents[1]
+    if (repo / "pyproject.toml").exists():
+        return repo / ".celerylab"
+    return Path.home() / ".cache" / "celerylab"
+
+
+def pidfile(pid: int) -> Path:
+    """A note per running process the course started, for ``./course reset``."""
+    return home() / "pids" / str(pid)
+
+
+class Watchdog:
+    """The client side: a pipe to ``python -m celerylab.watchdog``, one per kernel process."""
+
+    _instance: Watchdog | None = None
+    _lock = threading.Lock()
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "celerylab.watchdog"], stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            text=True)
+        self.owner = os.getpid()
+
+    @classmethod
+    def get(cls) -> Watchdog:
+        with cls._lock:
+            inst = cls._instance
+            if inst is None or inst.owner != os.getpid() or inst.proc.poll() is not None:
+                cls._instance = inst = cls()
+            return inst
+
+    def _send(self, line: str) -> None:
+        try:
+            self.proc.stdin.write(line + "\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, ValueError, OSError):
+            pass
+
+    def register(self, pgid: int) -> None:
+        self._send(f"+{pgid}")
+
+    def unregister(self, pgid: int) -> None:
+        self._send(f"-{pgid}")
+
+
+class ProcessGroup:
+    """A child process started in a new session (so it leads its own process group)."""
+
+    def __init__(self, popen: subprocess.Popen, log: Path, watchdog: Watchdog | None) -> None:
+        self.popen = popen
+        self.log = log
+        self.watchdog = watchdog
+        if watchdog:
+            watchdog.register(popen.pid)
+        _LIVE.add(self)
+        try:
+            pidfile(popen.pid).parent.mkdir(parents=True, exist_ok=True)
+            pidfile(popen.pid).write_text(f"{os.getpid()} {popen.args[0]}\n")
+        except OSError:
+            pass
+
+    @classmethod
+    def spawn(cls, cmd: list[str], *, log: Path, env: dict | None = None, cwd: str | None = None,
+              watchdog: Watchdog | None = None) -> ProcessGroup:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "ab") as out:
+            popen = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out,
+                                     stderr=subprocess.STDOUT, env=env, cwd=cwd,
+                                     start_new_session=True)
+        return cls(popen, log, watchdog or Watchdog.get())
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def poll(self) -> int | None:
+        return self.popen.poll()
+
+    @property
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def send(self, sig: int, group: bool = False) -> None:
+        try:
+            if group:
+                os.killpg(self.pid, sig)
+            else:
+                os.kill(self.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def wait(self, timeout: float) -> bool:
+        try:
+            self.popen.wait(timeout)
+            return True
+        except subprocess.TimeoutExpired:
+            return False
+
+    def stop(self, timeout: float = 10.0, sig: int = signal.SIGTERM) -> None:
+        """Send ``sig`` to the leader, wait up to ``timeout``, then SIGKILL the whole group."""
+        if self.alive:
+            self.send(sig)
+            self.wait(timeout)
+        self.kill()
+
+    def kill(self) -> None:
+        """SIGKILL the whole group (leader and children) and reap the leader."""
+        self.send(signal.SIGKILL, group=True)
+        self.wait(5)
+        if self.watchdog:
+            self.watchdog.unregister(self.pid)
+        _LIVE.discard(self)
+        pidfile(self.pid).unlink(missing_ok=True)
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            text = self.log.read_text(errors="replace")
+        except OSError:
+            return "(no log)"
+        return "\n".join(text.strip().splitlines()[-lines:])
+
+
+def children_of(pid: int) -> list[int]:
+    """Pids of the direct children of ``pid`` (pgrep exists on Linux and macOS)."""
+    try:
+        out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True,
+                             timeout=5).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return sorted(int(p) for p in out.split())
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # a zombie still answers kill(0): look at its state where we can
+    stat = Path(f"/proc/{pid}/stat")
+    if stat.exists():
+        try:
+            return stat.read_text().split(")")[-1].split()[0] != "Z"
+        except OSError:
+            return False
+    return True
+
+
+_LIVE: set[ProcessGroup] = set()
+
+
+def stop_all(timeout: float = 5.0) -> None:
+    """Stop every process group this kernel still owns, in parallel (atexit, and on demand)."""
+    groups = list(_LIVE)
+    for g in groups:
+        g.send(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for g in groups:
+        g.wait(max(0.0, deadline - time.monotonic()))
+        g.kill()
+
+
+atexit.register(stop_all)

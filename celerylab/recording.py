@@ -1,0 +1,179 @@
+"""Recording task lifecycles from Celery's own signals, into the notebook's Redis.
+
+Imported by the producer (the kernel) and by every worker the course starts (``-I
+celerylab.recording``). Each signal appends one JSON event to the list ``celerylab:events``:
+
+    sent      before/after_task_publish, in the process that published (kernel, or a worker retrying)
+    received  task_received, in the worker's main process (the message left the broker)
+    started   task_prerun, in the pool child that runs it (its pid)
+    finished  task_postrun, with the final state
+
+``worker_ready`` pushes to ``celerylab:ready:<hostname>``: readiness is a signal, not a sleep.
+Times are ``time.time()`` from one machine's clock, so they compare across processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+
+import redis
+from celery import signals
+
+EVENTS = "celerylab:events"
+READY = "celerylab:ready:"
+SENT_HEADER = "celerylab_sent_at"
+
+_client: tuple[int, redis.Redis] | None = None
+
+
+def _redis() -> redis.Redis | None:
+    global _client
+    url = os.environ.get("CELERYLAB_BROKER_URL")
+    if not url:
+        return None
+    if _client is None or _client[0] != os.getpid():  # one connection per process (after fork)
+        _client = (os.getpid(), redis.Redis.from_url(url, socket_timeout=5))
+    return _client[1]
+
+
+def _hostname() -> str:
+    return os.environ.get("CELERYLAB_WORKER_HOSTNAME") or f"kernel@{socket.gethostname()}"
+
+
+def _emit(event: str, task_id: str, **fields) -> None:
+    client = _redis()
+    if client is None or not task_id:
+        return
+    record = {"event": event, "id": task_id, "t": time.time(), "pid": os.getpid(),
+              "host": _hostname(), **fields}
+    try:
+        client.rpush(EVENTS, json.dumps(record, default=str))
+    except redis.RedisError:
+        pass  # recording must never break a task
+
+
+@signals.before_task_publish.connect
+def _stamp(headers=None, **_):
+    if headers is not None:
+        headers.setdefault(SENT_HEADER, time.time())
+
+
+@signals.after_task_publish.connect
+def _sent(headers=None, routing_key=None, **_):
+    headers = headers or {}
+    _emit("sent", headers.get("id"), name=headers.get("task"), queue=routing_key,
+          retries=headers.get("retries", 0), eta=headers.get("eta"))
+
+
+@signals.task_received.connect
+def _received(request=None, **_):
+    info = request.delivery_info or {}
+    _emit("received", request.id, name=request.name, queue=info.get("routing_key"),
+          redelivered=bool(info.get("redelivered")))
+
+
+@signals.task_prerun.connect
+def _started(task_id=None, task=None, **_):
+    req = task.request
+    info = req.delivery_info or {}
+    _emit("started", task_id, name=task.name, retries=req.retries or 0,
+          redelivered=bool(info.get("redelivered")))
+
+
+@signals.task_postrun.connect
+def _finished(task_id=None, task=None, state=None, **_):
+    _emit("finished", task_id, name=task.name, state=state)
+
+
+@signals.worker_ready.connect
+def _ready(sender=None, **_):
+    client = _redis()
+    if client is not None:
+        client.rpush(READY + _hostname(), json.dumps({"pid": os.getpid(), "t": time.time()}))
+
+
+@dataclass
+class Attempt:
+    """One delivery of one task: from publish (or redelivery) to finish."""
+
+    id: str
+    name: str = ""
+    queue: str | None = None
+    sent: float | None = None
+    received: float | None = None
+    started: float | None = None
+    finished: float | None = None
+    host: str | None = None
+    pid: int | None = None
+    state: str | None = None
+    retries: int = 0
+    redelivered: bool = False
+    events: list = field(default_factory=list, repr=False)
+
+    @property
+    def wait(self) -> float | None:
+        """Seconds from publish to start: time spent in the broker and in the worker's reserve."""
+        return None if self.sent is None or self.started is None else self.started - self.sent
+
+    @property
+    def runtime(self) -> float | None:
+        return None if self.started is None or self.finished is None else self.finished - self.started
+
+    @property
+    def latency(self) -> float | None:
+        """Seconds from publish to finish, what a caller waiting for the result experiences."""
+        return None if self.sent is None or self.finished is None else self.finished - self.sent
+
+
+def read_events(client: redis.Redis) -> list[dict]:
+    return sorted((json.loads(raw) for raw in client.lrange(EVENTS, 0, -1)), key=lambda e: e["t"])
+
+
+def attempts(client: redis.Redis, ids=None) -> list[Attempt]:
+    """Group recorded events into attempts, in order of first appearance.
+
+    A ``sent`` event opens a new attempt (a retry is a new message); a second ``received`` for the
+    same task without a new ``sent`` is a redelivery, and opens one too.
+    """
+    wanted = set(ids) if ids is not None else None
+    current: dict[str, Attempt] = {}
+    out: list[Attempt] = []
+    for e in read_events(client):
+        tid = e["id"]
+        if wanted is not None and tid not in wanted:
+            continue
+        a = current.get(tid)
+        kind = e["event"]
+        if a is None or kind == "sent" or (kind == "received" and a.received is not None):
+            a = Attempt(id=tid, name=e.get("name") or "", retries=e.get("retries", 0))
+            current[tid] = a
+            out.append(a)
+        a.events.append(e)
+        a.name = e.get("name") or a.name
+        if kind == "sent":
+            a.sent, a.queue = e["t"], e.get("queue")
+        elif kind == "received":
+            a.received, a.host = e["t"], e["host"]
+            a.queue = a.queue or e.get("queue")
+            a.redelivered = e.get("redelivered", False)
+        elif kind == "started":
+            a.started, a.pid, a.host = e["t"], e["pid"], e["host"]
+            a.retries = e.get("retries", a.retries)
+            a.redelivered = a.redelivered or e.get("redelivered", False)
+        elif kind == "finished":
+            a.finished, a.state = e["t"], e.get("state")
+    return out
+
+
+def percentile(values, q: float) -> float:
+    """The q-th percentile (0-100) by linear interpolation; no numpy needed."""
+    data = sorted(v for v in values if v is not None)
+    if not data:
+        raise ValueError("no values to take a percentile of")
+    k = (len(data) - 1) * q / 100
+    lo, hi = int(k), min(int(k) + 1, len(data) - 1)
+    return data[lo] + (data[hi] - data[lo]) * (k - lo)

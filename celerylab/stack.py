@@ -1,0 +1,240 @@
+"""One notebook's live stack: its broker, its workers, its recordings, and their cleanup.
+
+    stack = celerylab.start("ch01")          # a private Redis (or a claimed database of REDIS_URL)
+    w = stack.start_worker("ch01_tasks", concurrency=2)
+    ...
+    stack.stop()                             # also at kernel exit, and by the watchdog on a crash
+
+Each notebook gets its own namespace (its own Redis instance, or its own database on an external
+Redis), so notebooks run in any order, in parallel, and twice in a row with the same results.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import signal
+import time
+from contextlib import contextmanager
+
+import redis
+from celery import Celery
+
+from celerylab import recording
+from celerylab.broker import RedisServer, claim_database, redact, release_database
+from celerylab.errors import CourseError
+from celerylab.processes import Watchdog, home
+from celerylab.workers import Worker
+
+_current: Stack | None = None
+
+
+class Stack:
+    def __init__(self, namespace: str) -> None:
+        self.namespace = namespace
+        self.rundir = home() / "run" / f"{namespace}-{os.getpid()}"
+        self.server: RedisServer | None = None
+        self.url = ""
+        self.external = bool(os.environ.get("REDIS_URL"))
+        self.watchdog = Watchdog.get()
+        self._workers: list[Worker] = []
+        self._redis: redis.Redis | None = None
+        self._control: Celery | None = None
+        self.broker_seconds: float | None = None
+
+    # lifecycle -------------------------------------------------------------------------------
+    def start(self) -> Stack:
+        t0 = time.monotonic()
+        self.rundir.mkdir(parents=True, exist_ok=True)
+        if self.external:
+            self.url = claim_database(os.environ["REDIS_URL"], self.namespace)
+        else:
+            self.server = RedisServer(self.rundir).start(watchdog=self.watchdog)
+            self.url = self.server.url
+        self.broker_seconds = time.monotonic() - t0
+        os.environ.update(self.env)  # the kernel's own task modules read the same variables
+        return self
+
+    @property
+    def env(self) -> dict[str, str]:
+        """What workers (and task modules) read to find this notebook's broker."""
+        return {"CELERYLAB_BROKER_URL": self.url, "CELERYLAB_NAMESPACE": self.namespace}
+
+    @property
+    def redis(self) -> redis.Redis:
+        """A redis-py client on this notebook's database."""
+        if self._redis is None:
+            self._redis = redis.Redis.from_url(self.url, socket_timeout=10)
+        return self._redis
+
+    @property
+    def control(self) -> Celery:
+        """A Celery app bound to this broker, for ``control.ping`` and ``control.inspect``."""
+        if self._control is None:
+            self._control = Celery("celerylab-control", broker=self.url, set_as_current=False)
+            self._control.conf.update(accept_content=["json"], task_serializer="json",
+                                      result_serializer="json", broker_connection_timeout=3)
+        return self._control
+
+    def worker(self, app: str, **options) -> Worker:
+        """A Worker (not started yet): see ``Worker`` for the options; ``.command`` shows the flags."""
+        return Worker(self, app, **options)
+
+    def start_worker(self, app: str, **options) -> Worker:
+        return self.worker(app, **options).start()
+
+    def start_workers(self, *workers: Worker) -> list[Worker]:
+        """Start several workers at once (they boot in parallel) and wait until all are ready."""
+        import threading
+        errors: list[BaseException] = []
+
+        def boot(w: Worker) -> None:
+            try:
+                w.start()
+            except BaseException as exc:  # reported below, in the caller's thread
+                errors.append(exc)
+
+        threads = [threading.Thread(target=boot, args=(w,)) for w in workers]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            self.stop_workers()
+            raise errors[0]
+        return list(workers)
+
+    def stop_workers(self, timeout: float = 10.0) -> None:
+        """Warm-stop every worker of this notebook, in parallel."""
+        running = [w for w in self._workers if w.alive]
+        for w in running:
+            w.group.send(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for w in running:
+            w.group.wait(max(0.0, deadline - time.monotonic()))
+            w.kill()
+        self._workers = [w for w in self._workers if w.alive]
+
+    def stop(self) -> None:
+        """Stop the workers, then the broker (or release the claimed external database)."""
+        global _current
+        self.stop_workers()
+        if self.server:
+            self.server.stop()
+        elif self.url:
+            release_database(self.url)
+        if self._redis is not None:
+            self._redis.close()
+        shutil.rmtree(self.rundir, ignore_errors=True)
+        if _current is self:
+            _current = None
+
+    def reset(self) -> None:
+        """Empty this notebook's broker database: queues, results, recordings."""
+        self.stop_workers()
+        self.redis.flushdb()
+        if self.external:
+            claim_database(self.url, self.namespace)
+
+    # what a learner looks at ------------------------------------------------------------------
+    def records(self, ids=None) -> list[recording.Attempt]:
+        """Recorded attempts (sent/received/started/finished, worker, pid) for ``ids`` or all."""
+        return recording.attempts(self.redis, ids)
+
+    def clear_records(self) -> None:
+        self.redis.delete(recording.EVENTS)
+
+    def wait_for(self, ids, timeout: float = 30.0, states=("SUCCESS", "FAILURE")) -> list:
+        """Block until every task id has a finished attempt in ``states`` (polling the recording)."""
+        ids = list(ids)
+        deadline = time.monotonic() + timeout
+        while True:
+            done = {a.id for a in self.records(ids) if a.state in states}
+            if len(done) == len(set(ids)):
+                return self.records(ids)
+            if time.monotonic() > deadline:
+                missing = len(set(ids)) - len(done)
+                raise CourseError(
+                    f"{missing} of {len(set(ids))} tasks had not finished after {timeout:.0f} s.\n"
+                    "Is a worker running and consuming their queue? Try stack.health().")
+            time.sleep(0.05)
+
+    def processes(self) -> list[dict]:
+        rows = []
+        if self.server:
+            rows.append({"role": "broker (redis-server)", "pid": self.server.pid,
+                         "detail": f"{self.url}  from {self.server.source}"})
+        else:
+            rows.append({"role": "broker (external)", "pid": None, "detail": redact(self.url)})
+        for w in self._workers:
+            if w.alive:
+                rows.append({"role": f"worker main {w.hostname}", "pid": w.pid,
+                             "detail": f"pool={w.pool} queues={','.join(w.queues)}"})
+                for child in w.children():
+                    rows.append({"role": "  pool child", "pid": child, "detail": f"of {w.pid}"})
+        return rows
+
+    def health(self) -> bool:
+        """Print what runs and what to fix; True when everything answers."""
+        ok = True
+
+        def line(good: bool, text: str, fix: str = "") -> None:
+            nonlocal ok
+            ok &= good
+            print(("  ok   " if good else "  FIX  ") + text + ("" if good else f"\n       -> {fix}"))
+
+        try:
+            info = self.redis.info()
+            line(True, f"broker {redact(self.url)} answers (Redis {info['redis_version']})")
+            policy = self.redis.config_get("maxmemory-policy").get("maxmemory-policy", "?")
+            line(policy == "noeviction", f"maxmemory-policy is {policy}",
+                 "a broker must not evict queue lists: CONFIG SET maxmemory-policy noeviction")
+        except (redis.RedisError, CourseError) as exc:
+            line(False, f"broker {redact(self.url)} does not answer ({exc})",
+                 "re-run the setup cell (celerylab.start(...)); `./course doctor` checks the machine")
+        except Exception as exc:  # CONFIG may be disabled on a managed Redis
+            line(True, f"broker answers; config not readable ({exc})")
+        for w in self._workers:
+            if not w.alive:
+                continue
+            replies = self.control.control.ping(destination=[w.hostname], timeout=2.0)
+            line(bool(replies), f"worker {w.hostname} (pid {w.pid}) answers ping",
+                 f"look at its log: stack.worker_log('{w.name}'), then restart it")
+        if not any(w.alive for w in self._workers):
+            print("  info no worker running (start one with stack.start_worker(...))")
+        return ok
+
+    def worker_log(self, name: str, lines: int = 40) -> None:
+        for w in self._workers:
+            if w.name == name:
+                print(w.log_tail(lines))
+                return
+        print(f"no worker named {name!r} in this notebook")
+
+    @contextmanager
+    def scratch_redis(self, appendonly: bool = False):
+        """A throwaway redis-server of the course's own, for experiments that restart a broker."""
+        server = RedisServer(self.rundir / "scratch", appendonly=appendonly)
+        server.start(watchdog=self.watchdog)
+        try:
+            yield server
+        finally:
+            server.stop()
+
+
+def start(namespace: str) -> Stack:
+    """Start (or restart) this notebook's stack; re-running the cell replaces the old one."""
+    global _current
+    if _current is not None:
+        _current.stop()
+    _current = Stack(namespace).start()
+    atexit.register(_current.stop)
+    return _current
+
+
+def current() -> Stack:
+    if _current is None:
+        raise CourseError("No stack is running in this kernel: run the setup cell first "
+                          "(stack = celerylab.start(...)).")
+    return _current
