@@ -160,6 +160,24 @@ class Stack:
                     "Is a worker running and consuming their queue? Try stack.health().")
             time.sleep(0.05)
 
+    def wait_until(self, predicate, timeout: float = 10.0, what: str = "the condition"):
+        """Poll ``predicate()`` every 20 ms until it returns something truthy; return that."""
+        deadline = time.monotonic() + timeout
+        while True:
+            value = predicate()
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                raise CourseError(f"Waited {timeout:.0f} s for {what}, in vain. "
+                                  "stack.health() shows what is running.")
+            time.sleep(0.02)
+
+    def started(self, task_id: str, timeout: float = 10.0):
+        """Wait until a worker has started ``task_id``; return that attempt."""
+        return self.wait_until(
+            lambda: next((a for a in self.records([task_id]) if a.started), None),
+            timeout, f"task {task_id[:8]} to start")
+
     def processes(self) -> list[dict]:
         rows = []
         if self.server:
