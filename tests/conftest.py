@@ -1,0 +1,62 @@
+"""Fixtures that give each test a live stack of its own: a private Redis, real workers."""
+
+from __future__ import annotations
+
+import os
+import sys
+import textwrap
+import uuid
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+TASKS = '''
+import os
+import time
+
+from celery import Celery
+
+app = Celery("{name}", broker=os.environ["CELERYLAB_BROKER_URL"],
+             backend=os.environ["CELERYLAB_BROKER_URL"])
+app.conf.update(task_serializer="json", result_serializer="json", accept_content=["json"],
+                broker_connection_retry_on_startup=True)
+
+
+@app.task
+def add(x, y):
+    return x + y
+
+
+@app.task
+def nap(seconds):
+    time.sleep(seconds)
+    return seconds
+'''
+
+
+@pytest.fixture
+def stack(monkeypatch):
+    from celerylab.stack import Stack
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    s = Stack(f"t{uuid.uuid4().hex[:6]}").start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def tasks_module(tmp_path, monkeypatch):
+    """Write a small task module into a temp folder and return its name (importable there)."""
+    name = f"tasks_{uuid.uuid4().hex[:6]}"
+    (tmp_path / f"{name}.py").write_text(textwrap.dedent(TASKS.format(name=name)))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return name
+
+
+def course_env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CELERYLAB_", "REDIS_URL"))}
+    env.update(extra)
+    return env

@@ -1,0 +1,117 @@
+"""The lab contract: one source per lab, generated copies in sync, checkers that can fail."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+from nbclient.exceptions import CellExecutionError
+
+from celerylab.checks import LabCheckFailed, check_lab01
+from celerylab.labgen import STUB, SourceError, build, split_solution
+
+ROOT = Path(__file__).resolve().parents[1]
+LABS = sorted((ROOT / "labs").glob("*.ipynb"))
+
+
+def test_generated_notebooks_match_their_sources():
+    drift = build(check=True)
+    assert not drift, f"out of date (run ./course build): {[str(p) for p in drift]}"
+
+
+def code_of(path: Path) -> str:
+    nb = nbformat.read(path, as_version=4)
+    return "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+
+
+def test_every_lab_has_a_solution_and_a_stub():
+    assert LABS, "no labs generated"
+    for lab in LABS:
+        solution = ROOT / "solutions" / lab.name
+        assert solution.exists()
+        lab_code, solution_code = code_of(lab), code_of(solution)
+        assert STUB in lab_code and STUB not in solution_code
+        assert "BEGIN SOLUTION" not in lab_code + solution_code
+
+
+def test_split_solution_keeps_indentation_and_rejects_bad_markers():
+    code = "def f():\n    ### BEGIN SOLUTION\n    return 1\n    ### END SOLUTION\n"
+    assert split_solution(code, keep=True, where="t") == "def f():\n    return 1"
+    assert split_solution(code, keep=False, where="t") == f"def f():\n    {STUB}"
+    with pytest.raises(SourceError):
+        split_solution("### BEGIN SOLUTION\nx = 1\n", keep=True, where="t")
+
+
+def solution_function(lab: str, name: str):
+    """Execute the solution notebook's cell that defines ``name`` and return the function."""
+    nb = nbformat.read(ROOT / "solutions" / f"{lab}.ipynb", as_version=4)
+    scope = {"json": json, "base64": base64}
+    cell = next(c for c in nb.cells if c.cell_type == "code" and f"def {name}(" in c.source)
+    exec(compile(cell.source, lab, "exec"), scope)
+    return scope[name]
+
+
+def test_lab01_checker_accepts_the_solution(stack, capsys):
+    check_lab01(solution_function("lab01_pending_messages", "pending_messages"), stack)
+    assert "Lab 1 passed" in capsys.readouterr().out
+
+
+def _stub(r, queue):
+    raise NotImplementedError
+
+
+def _consumes(r, queue):
+    solved = solution_function("lab01_pending_messages", "pending_messages")
+    out = solved(r, queue)
+    r.delete(queue)
+    return out
+
+
+def _newest_first(r, queue):
+    return solution_function("lab01_pending_messages", "pending_messages")(r, queue)[::-1]
+
+
+def _undecoded(r, queue):
+    out = []
+    for raw in reversed(r.lrange(queue, 0, -1)):
+        env = json.loads(raw)
+        out.append({"task": env["headers"]["task"], "id": env["headers"]["id"],
+                    "args": env["body"], "kwargs": {}, "retries": 0, "eta": None})
+    return out
+
+
+def _no_eta(r, queue):
+    return [{**m, "eta": None}
+            for m in solution_function("lab01_pending_messages", "pending_messages")(r, queue)]
+
+
+@pytest.mark.parametrize("wrong, hint", [
+    (_stub, "not written yet"),
+    (_consumes, "consumed"),
+    (_newest_first, "wrong order"),
+    (_undecoded, "encoded"),
+    (_no_eta, "ETA"),
+])
+def test_lab01_checker_rejects_wrong_answers(stack, wrong, hint):
+    with pytest.raises(LabCheckFailed, match=hint):
+        check_lab01(wrong, stack)
+
+
+def test_check_failures_render_without_a_traceback():
+    lines = LabCheckFailed("first line\nsecond").__class__("first line\nsecond")._render_traceback_()
+    assert "first line" in lines[0] and lines[1] == "second"
+
+
+@pytest.mark.parametrize("lab", LABS, ids=[p.stem for p in LABS])
+def test_unsolved_lab_notebook_never_passes(lab):
+    """Run the learner's copy: it must stop at a stub (or a failed check), never pass."""
+    nb = nbformat.read(lab, as_version=4)
+    client = NotebookClient(nb, timeout=120, kernel_name="python3",
+                            resources={"metadata": {"path": str(lab.parent)}})
+    with pytest.raises(CellExecutionError) as err:
+        client.execute()
+    assert "NotImplementedError" in str(err.value) or "LabCheckFailed" in str(err.value)

@@ -1,0 +1,33 @@
+"""Grouping recorded events into attempts (pure logic, on a real Redis list)."""
+
+import json
+
+import pytest
+
+from celerylab.recording import EVENTS, attempts, percentile
+
+
+def push(stack, *events):
+    for t, (event, tid, extra) in enumerate(events):
+        stack.redis.rpush(EVENTS, json.dumps({"event": event, "id": tid, "t": float(t),
+                                              "pid": 1, "host": "h", **extra}))
+
+
+def test_redelivery_and_retry_open_new_attempts(stack):
+    push(stack,
+         ("sent", "a", {"name": "t", "queue": "q"}), ("received", "a", {}), ("started", "a", {}),
+         ("received", "a", {"redelivered": True}), ("started", "a", {}),
+         ("finished", "a", {"state": "FAILURE"}),
+         ("sent", "a", {"retries": 1}), ("received", "a", {}), ("started", "a", {"retries": 1}),
+         ("finished", "a", {"state": "SUCCESS"}))
+    got = attempts(stack.redis)
+    assert [(a.state, a.redelivered, a.retries) for a in got] == [
+        (None, False, 0), ("FAILURE", True, 0), ("SUCCESS", False, 1)]
+    assert got[0].queue == "q" and got[0].wait == 2.0
+
+
+def test_percentile():
+    assert percentile([1, 2, 3, 4], 50) == 2.5
+    assert percentile([5], 95) == 5
+    with pytest.raises(ValueError):
+        percentile([], 50)

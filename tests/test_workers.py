@@ -1,0 +1,106 @@
+"""Real worker processes: boot, readiness, failure messages, crashes and cleanup."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from celerylab.processes import pid_alive
+from celerylab.workers import WorkerError
+
+
+def wait_gone(pids, timeout=10.0) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        alive = [p for p in pids if pid_alive(p)]
+        if not alive:
+            return []
+        time.sleep(0.05)
+    return alive
+
+
+def test_worker_boots_runs_tasks_and_records_them(stack, tasks_module):
+    worker = stack.start_worker(tasks_module, concurrency=2)
+    assert worker.boot_seconds < 10
+    assert len(worker.children()) == 2
+    mod = __import__(tasks_module)
+    results = [mod.add.delay(i, i) for i in range(6)]
+    assert [r.get(timeout=10) for r in results] == [0, 2, 4, 6, 8, 10]
+    attempts = stack.wait_for([r.id for r in results])
+    assert {a.state for a in attempts} == {"SUCCESS"}
+    assert {a.pid for a in attempts} <= set(worker.children())
+    assert all(a.sent <= a.received <= a.started <= a.finished for a in attempts)
+    assert "--without-mingle" in worker.command and "--concurrency" in worker.command
+
+
+def test_worker_with_missing_module_fails_fast_with_its_log(stack, tasks_module):
+    t0 = time.monotonic()
+    with pytest.raises(WorkerError) as err:
+        stack.start_worker("no_such_tasks_module")
+    assert time.monotonic() - t0 < 10
+    assert "exited" in str(err.value) and "no_such_tasks_module" in str(err.value)
+
+
+def test_worker_whose_module_raises_shows_the_error(stack, tmp_path, monkeypatch):
+    (tmp_path / "broken_tasks.py").write_text("raise RuntimeError('typo in the task module')\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(WorkerError, match="typo in the task module"):
+        stack.start_worker("broken_tasks")
+
+
+def test_stop_leaves_no_process(stack, tasks_module):
+    worker = stack.start_worker(tasks_module, concurrency=2)
+    pids = [worker.pid, *worker.children()]
+    worker.stop()
+    assert wait_gone(pids) == []
+
+
+def test_killed_child_is_replaced_and_its_task_fails(stack, tasks_module):
+    worker = stack.start_worker(tasks_module, concurrency=1)
+    mod = __import__(tasks_module)
+    res = mod.nap.delay(5)
+    attempt = stack.started(res.id)
+    assert worker.kill_child() == attempt.pid
+    with pytest.raises(Exception, match="signal 9"):
+        res.get(timeout=15)
+    new = stack.wait_until(lambda: [p for p in worker.children() if p != attempt.pid], 10)
+    assert new and attempt.pid not in new
+
+
+def test_killing_the_whole_worker_takes_its_children(stack, tasks_module):
+    worker = stack.start_worker(tasks_module, concurrency=2)
+    pids = [worker.pid, *worker.children()]
+    worker.kill()
+    assert wait_gone(pids, 5) == []
+
+
+KERNEL = """
+import json, sys, time
+import celerylab
+stack = celerylab.start("orphans")
+w = stack.start_worker(sys.argv[1], concurrency=2)
+print(json.dumps([stack.server.pid, w.pid, *w.children()]), flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_killed_kernel_leaves_nothing_running(tasks_module, tmp_path):
+    """SIGKILL the 'kernel' (no atexit, no finally): the watchdog stops Redis and the worker."""
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), os.path.dirname(os.path.dirname(__file__))])
+    kernel = subprocess.Popen([sys.executable, "-c", KERNEL, tasks_module], stdout=subprocess.PIPE,
+                              text=True, env=env, cwd=tmp_path)
+    try:
+        pids = json.loads(kernel.stdout.readline())
+        assert len(pids) == 4 and all(pid_alive(p) for p in pids)
+        kernel.send_signal(signal.SIGKILL)
+        kernel.wait(5)
+        assert wait_gone(pids, 10) == [], "orphans left after the kernel died"
+    finally:
+        kernel.kill()
