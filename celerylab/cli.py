@@ -62,7 +62,8 @@ def cmd_open(args) -> int:
     print(f"celerylab: {_preflight()}", flush=True)
     port = int(os.environ.get("CELERYLAB_JUPYTER_PORT") or 0) or _free_port(8888)
     token = os.environ.get("JUPYTER_TOKEN") or secrets.token_hex(24)
-    cmd = [sys.executable, "-m", "jupyter", "lab", "--ServerApp.ip=127.0.0.1",
+    ip = os.environ.get("CELERYLAB_JUPYTER_IP", "127.0.0.1")  # 0.0.0.0 only inside Docker
+    cmd = [sys.executable, "-m", "jupyter", "lab", f"--ServerApp.ip={ip}",
            f"--ServerApp.port={port}", "--ServerApp.port_retries=0",
            f"--ServerApp.root_dir={ROOT}"]
     if args.no_browser or os.environ.get("CI") or os.environ.get("CELERYLAB_NO_BROWSER"):

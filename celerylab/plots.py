@@ -73,7 +73,7 @@ def latency_distributions(series: dict[str, list[float]], title: str, unit: str 
                           log: bool = False, ax=None):
     """Dots for every measurement, per series, with p50 and p95 marked."""
     ax = ax or plt.subplots(figsize=(8, 3.2))[1]
-    for i, (label, values) in enumerate(series.items()):
+    for i, values in enumerate(series.values()):
         xs = [i + 0.12 * ((k % 7) - 3) / 3 for k in range(len(values))]
         ax.scatter(xs, values, s=14, alpha=0.6)
         for q, style in ((50, "-"), (95, "--")):

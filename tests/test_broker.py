@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 
@@ -105,8 +106,8 @@ def test_external_database_with_foreign_data_is_refused(external, monkeypatch):
 def test_database_of_a_dead_kernel_is_reused(external):
     url = f"redis://127.0.0.1:{external.port}/3"
     stale = redis.Redis.from_url(url)
-    stale.set(OWNER_KEY, '{"namespace": "old", "host": "%s", "pid": 999999999, "started": 0}'
-              % socket.gethostname())
+    stale.set(OWNER_KEY, json.dumps({"namespace": "old", "host": socket.gethostname(),
+                                     "pid": 999999999, "started": 0}))
     stale.rpush("celery", "left over")
     assert claim_database(url, "new") == url
     assert not stale.exists("celery")

