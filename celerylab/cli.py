@@ -103,11 +103,20 @@ def cmd_open(args) -> int:
 
 
 def cmd_test(args) -> int:
+    """pytest over tests/ plus every chapter and solution notebook under nbval, two at a time."""
     import pytest
     extra = list(args.pytest_args)
     if not any(a.startswith("-n") for a in extra):
         extra = ["-n", "2", "--dist", "loadfile", *extra]
-    return pytest.main([str(ROOT / "tests"), *extra])
+    paths = [a for a in extra if Path(a.split("::")[0]).exists()]  # ./course test tests/x.py
+    code = pytest.main([*(paths or [str(ROOT / d) for d in ("tests", "notebooks", "solutions")]),
+                        "--nbval", "--nbval-current-env", "--nbval-cell-timeout=120", *extra])
+    left = course_processes()
+    if left:
+        print("celerylab: processes left running after the tests (a cleanup bug):\n"
+              + "\n".join(f"  {pid} {cmd}" for pid, cmd in left), file=sys.stderr)
+        return int(code) or 1
+    return int(code)
 
 
 def cmd_build(args) -> int:
@@ -168,10 +177,10 @@ def cmd_doctor(args) -> int:
     print(f"python   {sys.version.split()[0]} ({sys.executable})")
     for pkg in ("celery", "kombu", "redis", "jupyterlab", "ipywidgets", "matplotlib", "nbval"):
         try:
-            print(f"{pkg:<9}{md.version(pkg)}")
+            print(f"{pkg:<11}{md.version(pkg)}")
         except md.PackageNotFoundError:
             good = False
-            print(f"{pkg:<9}MISSING -> ./course setup")
+            print(f"{pkg:<11}MISSING -> ./course setup")
     try:
         print(f"broker   {_preflight()}")
     except CourseError as exc:
@@ -190,7 +199,7 @@ def cmd_doctor(args) -> int:
 
 def cmd_bench(args) -> int:
     from celerylab.bench import main as bench
-    return bench(args.notebooks)
+    return bench(args.notebooks, args.suite)
 
 
 def main(argv=None) -> int:
@@ -212,6 +221,7 @@ def main(argv=None) -> int:
     sub.add_parser("doctor").set_defaults(fn=cmd_doctor)
     p = sub.add_parser("bench")
     p.add_argument("--notebooks", action="store_true", help="also time every notebook")
+    p.add_argument("--suite", action="store_true", help="also time the whole test suite")
     p.set_defaults(fn=cmd_bench)
     args = parser.parse_args(argv)
     try:

@@ -44,11 +44,11 @@ def _hostname() -> str:
     return os.environ.get("CELERYLAB_WORKER_HOSTNAME") or f"kernel@{socket.gethostname()}"
 
 
-def _emit(event: str, task_id: str, **fields) -> None:
+def _emit(event: str, task_id: str, t: float | None = None, **fields) -> None:
     client = _redis()
     if client is None or not task_id:
         return
-    record = {"event": event, "id": task_id, "t": time.time(), "pid": os.getpid(),
+    record = {"event": event, "id": task_id, "t": t or time.time(), "pid": os.getpid(),
               "host": _hostname(), **fields}
     try:
         client.rpush(EVENTS, json.dumps(record, default=str))
@@ -58,14 +58,16 @@ def _emit(event: str, task_id: str, **fields) -> None:
 
 @signals.before_task_publish.connect
 def _stamp(headers=None, **_):
-    if headers is not None:
-        headers.setdefault(SENT_HEADER, time.time())
+    if headers is not None:  # a retry re-publishes: stamp every message anew
+        headers[SENT_HEADER] = time.time()
 
 
 @signals.after_task_publish.connect
 def _sent(headers=None, routing_key=None, **_):
     headers = headers or {}
-    _emit("sent", headers.get("id"), name=headers.get("task"), queue=routing_key,
+    # The time stamped *before* publishing: a worker may receive the message before this runs.
+    _emit("sent", headers.get("id"), t=headers.get(SENT_HEADER), name=headers.get("task"),
+          queue=routing_key,
           retries=headers.get("retries", 0), eta=headers.get("eta"))
 
 

@@ -1,0 +1,19 @@
+# Shortcuts; each one is a ./course command (which sets up .venv first when needed).
+.PHONY: lab test labs check-labs bench reset doctor lint
+
+lab:         ## set up and open the course in JupyterLab
+	./course open
+test:        ## set up and run every test (what CI runs)
+	./course test
+labs:        ## regenerate notebooks/, labs/ and solutions/ from sources/
+	./course build
+check-labs:  ## fail if a generated notebook is out of date
+	./course build --check
+bench:       ## print the figures of docs/benchmarks.md
+	./course bench --notebooks
+reset:       ## stop leftovers, delete runtime files (add LABS=1 to restore labs/)
+	./course reset $(if $(LABS),--labs,)
+doctor:      ## what is installed, what answers, what is left running
+	./course doctor
+lint:
+	.venv/bin/ruff check .
