@@ -209,9 +209,7 @@ def main(argv=None) -> int:
     p = sub.add_parser("open")
     p.add_argument("--no-browser", action="store_true")
     p.set_defaults(fn=cmd_open)
-    p = sub.add_parser("test")
-    p.add_argument("pytest_args", nargs=argparse.REMAINDER)
-    p.set_defaults(fn=cmd_test)
+    sub.add_parser("test", help="extra arguments go to pytest").set_defaults(fn=cmd_test)
     p = sub.add_parser("build")
     p.add_argument("--check", action="store_true")
     p.set_defaults(fn=cmd_build)
@@ -223,7 +221,10 @@ def main(argv=None) -> int:
     p.add_argument("--notebooks", action="store_true", help="also time every notebook")
     p.add_argument("--suite", action="store_true", help="also time the whole test suite")
     p.set_defaults(fn=cmd_bench)
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.fn is not cmd_test:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.pytest_args = rest
     try:
         return args.fn(args)
     except CourseError as exc:

@@ -3,7 +3,7 @@
 Imported by the producer (the kernel) and by every worker the course starts (``-I
 celerylab.recording``). Each signal appends one JSON event to the list ``celerylab:events``:
 
-    sent      before/after_task_publish, in the process that published (kernel, or a worker retrying)
+    sent      before_task_publish, in the process that publishes (kernel, or a worker retrying)
     received  task_received, in the worker's main process (the message left the broker)
     started   task_prerun, in the pool child that runs it (its pid)
     finished  task_postrun, with the final state
@@ -27,16 +27,18 @@ EVENTS = "celerylab:events"
 READY = "celerylab:ready:"
 SENT_HEADER = "celerylab_sent_at"
 
-_client: tuple[int, redis.Redis] | None = None
+_client: tuple[tuple[int, str], redis.Redis] | None = None
 
 
 def _redis() -> redis.Redis | None:
+    """A client for the current broker: one per process (after fork) and per URL (a kernel may
+    start a new stack, on a new Redis, at any time)."""
     global _client
     url = os.environ.get("CELERYLAB_BROKER_URL")
     if not url:
         return None
-    if _client is None or _client[0] != os.getpid():  # one connection per process (after fork)
-        _client = (os.getpid(), redis.Redis.from_url(url, socket_timeout=5))
+    if _client is None or _client[0] != (os.getpid(), url):
+        _client = ((os.getpid(), url), redis.Redis.from_url(url, socket_timeout=5))
     return _client[1]
 
 
@@ -57,17 +59,13 @@ def _emit(event: str, task_id: str, t: float | None = None, **fields) -> None:
 
 
 @signals.before_task_publish.connect
-def _stamp(headers=None, **_):
-    if headers is not None:  # a retry re-publishes: stamp every message anew
-        headers[SENT_HEADER] = time.time()
-
-
-@signals.after_task_publish.connect
 def _sent(headers=None, routing_key=None, **_):
-    headers = headers or {}
-    # The time stamped *before* publishing: a worker may receive the message before this runs.
-    _emit("sent", headers.get("id"), t=headers.get(SENT_HEADER), name=headers.get("task"),
-          queue=routing_key,
+    """Stamp the message and record it *before* it is published: a worker can receive it (and
+    finish it) before an ``after_task_publish`` handler would have run."""
+    if headers is None:
+        return
+    headers[SENT_HEADER] = now = time.time()  # a retry re-publishes: stamp every message anew
+    _emit("sent", headers.get("id"), t=now, name=headers.get("task"), queue=routing_key,
           retries=headers.get("retries", 0), eta=headers.get("eta"))
 
 

@@ -102,7 +102,7 @@ assert len(children) == 2 and worker.pid not in children, children
 # `add.delay(2, 3)` publishes a message and returns at once with an `AsyncResult`. The worker's
 # main process receives the message, a child runs `add`, the outcome is written to the result
 # backend, and `result.get()` reads it from there. The course records each step from Celery's own
-# signals (`after_task_publish`, `task_received`, `task_prerun`, `task_postrun`), with the pid that
+# signals (`before_task_publish`, `task_received`, `task_prerun`, `task_postrun`), with the pid that
 # did it.
 
 # %%
