@@ -104,3 +104,29 @@ def test_a_killed_kernel_leaves_nothing_running(tasks_module, tmp_path):
         assert wait_gone(pids, 10) == [], "orphans left after the kernel died"
     finally:
         kernel.kill()
+
+
+def test_a_real_jupyter_kernel_killed_mid_notebook_leaves_nothing(tasks_module, tmp_path):
+    """The same, through jupyter_client: a real IPython kernel, SIGKILLed mid-notebook."""
+    from jupyter_client.manager import start_new_kernel
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(tmp_path), os.path.dirname(os.path.dirname(__file__))])}
+    env.pop("REDIS_URL", None)
+    km, kc = start_new_kernel(kernel_name="python3", cwd=str(tmp_path), env=env)
+    out: list[str] = []
+    try:
+        code = ("import json, os, celerylab\nstack = celerylab.start('killed')\n"
+                f"w = stack.start_worker({tasks_module!r}, concurrency=2)\n"
+                "print(json.dumps([os.getpid(), stack.server.pid, w.pid, *w.children()]))")
+        reply = kc.execute_interactive(
+            code, timeout=60,
+            output_hook=lambda m: out.append(m["content"].get("text", "")))
+        assert reply["content"]["status"] == "ok"
+        kernel, *pids = json.loads("".join(out))
+        assert len(pids) == 4 and all(pid_alive(p) for p in pids)
+        os.kill(kernel, signal.SIGKILL)
+        assert wait_gone(pids, 10) == [], "orphans left after the kernel was killed"
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
