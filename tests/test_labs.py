@@ -11,7 +11,7 @@ import pytest
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
-from celerylab.checks import LabCheckFailed, check_lab01
+from celerylab.checks import LabCheckFailed, check_lab01, check_lab02
 from celerylab.labgen import STUB, SourceError, build, split_solution
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,3 +115,25 @@ def test_unsolved_lab_notebook_never_passes(lab):
     with pytest.raises(CellExecutionError) as err:
         client.execute()
     assert "NotImplementedError" in str(err.value) or "LabCheckFailed" in str(err.value)
+
+
+# Lab 2 ---------------------------------------------------------------------------------------
+def test_lab02_checker_accepts_the_solution(stack, capsys):
+    check_lab02(solution_function("lab02_pool_and_concurrency", "choose_layout"), stack)
+    assert "Lab 2 passed" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("layout, hint", [
+    (None, "not written yet"),
+    ([{"pool": "solo", "concurrency": 1, "queues": ["cpu", "io"]}], "I/O-bound tasks took"),
+    ([{"pool": "prefork", "concurrency": 2, "queues": ["cpu"]}], "No worker consumes the queue 'io'"),
+    ([{"pool": "gevent", "concurrency": 2, "queues": ["cpu", "io"]}], "pool must be one of"),
+])
+def test_lab02_checker_rejects_wrong_layouts(stack, layout, hint):
+    def choose_layout():
+        if layout is None:
+            raise NotImplementedError
+        return layout
+
+    with pytest.raises(LabCheckFailed, match=hint):
+        check_lab02(choose_layout, stack)

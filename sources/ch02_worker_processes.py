@@ -1,0 +1,285 @@
+# %% [markdown]
+# # Chapter 2 — Worker processes
+#
+# A `celery worker` is not one process. With the default **prefork** pool it is a *main process*
+# that talks to the broker and hands tasks to *child processes* that run them. How many children,
+# which pool, when children are replaced, what a time limit does to a child, what a shutdown does
+# to the messages a worker holds: each is a setting, and each is a reliability decision. This
+# chapter measures them.
+
+# %%
+import json
+import time
+
+import celerylab
+from celerylab import plots
+from celerylab.recording import percentile
+
+stack = celerylab.start("ch02")
+r = stack.redis
+assert stack.health()
+
+# %%
+# %%writefile ch02_tasks.py
+"""Chapter 2's tasks: CPU-bound, I/O-bound, memory-hungry and slow work."""
+
+import os
+import resource
+import time
+
+from celery import Celery
+from celery.exceptions import SoftTimeLimitExceeded
+
+BROKER = os.environ["CELERYLAB_BROKER_URL"]
+
+app = Celery("ch02_tasks", broker=BROKER, backend=BROKER)
+app.conf.update(
+    task_serializer="json",
+    result_serializer="json",
+    accept_content=["json"],
+    task_acks_late=False,  # the default: early ack (matters for shutdown, below)
+    worker_prefetch_multiplier=4,  # the default: each worker holds up to 4 x concurrency
+    worker_max_tasks_per_child=None,  # the default: children live forever (set per worker below)
+    worker_max_memory_per_child=None,  # the default: no memory cap (set per worker below)
+    task_soft_time_limit=None,  # the defaults: no time limits (set per task below)
+    task_time_limit=None,
+    broker_connection_retry_on_startup=True,
+)
+
+_hoard = []  # memory a task keeps: it stays with the child process
+
+
+@app.task
+def whoami():
+    return os.getpid()
+
+
+@app.task
+def crunch(n):
+    """CPU-bound: pure Python arithmetic, holds the GIL the whole time."""
+    return sum(i * i for i in range(n)) % 7
+
+
+@app.task
+def wait_io(seconds):
+    """I/O-bound: waits (as on a network call) and uses no CPU."""
+    time.sleep(seconds)
+
+
+@app.task
+def hungry(mb):
+    """Keeps `mb` MiB in the child (written to, so it is really resident)."""
+    _hoard.append(bytearray(b"\x01") * (mb * 1024 * 1024))
+    return os.getpid()
+
+
+@app.task
+def peak_rss_kib():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+
+
+@app.task(soft_time_limit=0.5, time_limit=5)
+def polite(seconds):
+    """Handles the soft limit: it gets a chance to clean up."""
+    try:
+        time.sleep(seconds)
+        return "finished"
+    except SoftTimeLimitExceeded:
+        return "stopped at the soft limit and cleaned up"
+
+
+@app.task(time_limit=0.5)
+def stubborn(seconds):
+    """Only a hard limit: the child running it is killed."""
+    time.sleep(seconds)
+
+
+# %% [markdown]
+# ## Anatomy of a prefork worker
+#
+# Three children. Send nine tasks that return the pid that ran them, and ask the worker itself,
+# over the broker's remote-control channel, what it is: `inspect().stats()` lists the pool's
+# processes, `inspect().active()` what runs right now.
+
+# %%
+import ch02_tasks
+
+worker = stack.start_worker("ch02_tasks", name="anatomy", concurrency=3)
+results = [ch02_tasks.whoami.delay() for _ in range(9)]
+ran_on = [res.get(timeout=10) for res in results]
+children = worker.children()
+print("main:", worker.pid, " children:", children, " tasks ran on:", sorted(set(ran_on)))
+inspect = stack.control.control.inspect(destination=[worker.hostname], timeout=2)
+stats = inspect.stats()[worker.hostname]
+print("stats: pool", json.dumps(stats["pool"]["processes"]), "max-concurrency",
+      stats["pool"]["max-concurrency"], "prefetch_count", stats["prefetch_count"])
+
+# %%
+assert len(children) == 3 and worker.pid not in children
+assert set(ran_on) <= set(children), "only children run tasks"
+assert sorted(stats["pool"]["processes"]) == children
+assert stats["prefetch_count"] == 3 * 4, "concurrency x worker_prefetch_multiplier"
+
+# %%
+running = ch02_tasks.wait_io.delay(1.0)
+stack.started(running.id)
+active = inspect.active()[worker.hostname]
+print([(t["name"], t["id"][:8], t["worker_pid"]) for t in active])
+assert [t["id"] for t in active] == [running.id] and active[0]["worker_pid"] in children
+running.get(timeout=10)
+
+# %% [markdown]
+# ## Concurrency vs cores: the right pool depends on the work
+#
+# The same 16 CPU-bound tasks (`crunch`) and 16 I/O-bound tasks (`wait_io(0.1)`) run on four
+# workers: `solo` (one task at a time, in the main process), `prefork` with 2 and 4 children
+# (processes: real parallelism on this machine's cores), and `threads` with 4 (threads of one
+# process: they share one GIL). Throughput = tasks / (last finish − first send).
+
+# %%
+configs = {"solo -c 1": ("solo", 1), "prefork -c 2": ("prefork", 2),
+           "prefork -c 4": ("prefork", 4), "threads -c 4": ("threads", 4)}
+workers = {label: stack.worker("ch02_tasks", name=label.split()[0] + str(c), pool=pool,
+                               concurrency=c, queues=[f"q-{pool}-{c}"])
+           for label, (pool, c) in configs.items()}
+stack.start_workers(*workers.values())
+
+
+def throughput(task, args, queue, n=16):
+    ids = [task.apply_async(args, queue=queue).id for _ in range(n)]
+    done = stack.wait_for(ids, timeout=60)
+    return n / (max(a.finished for a in done) - min(a.sent for a in done))
+
+
+measured = {}
+for label, w in workers.items():
+    measured[label] = {"CPU-bound": throughput(ch02_tasks.crunch, (1_500_000,), w.queues[0]),
+                       "I/O-bound": throughput(ch02_tasks.wait_io, (0.1,), w.queues[0])}
+    print(f"{label:13} CPU-bound {measured[label]['CPU-bound']:6.1f} tasks/s   "
+          f"I/O-bound {measured[label]['I/O-bound']:6.1f} tasks/s")
+stack.stop_workers()
+
+# %%
+import matplotlib.pyplot as plt
+
+fig, axes = plt.subplots(1, 2, figsize=(10, 3))
+for ax, kind in zip(axes, ("CPU-bound", "I/O-bound"), strict=True):
+    plots.bars({k: v[kind] for k, v in measured.items()}, kind, "tasks/s", ax=ax)
+
+# %%
+cpu = {k: v["CPU-bound"] for k, v in measured.items()}
+io = {k: v["I/O-bound"] for k, v in measured.items()}
+assert cpu["prefork -c 2"] > 1.2 * cpu["solo -c 1"], "two processes use two cores"
+assert cpu["threads -c 4"] < 1.5 * cpu["solo -c 1"], "threads share one GIL for CPU work"
+assert io["threads -c 4"] > 2.5 * io["solo -c 1"], "threads overlap waiting"
+assert io["prefork -c 4"] > 2.5 * io["solo -c 1"]
+
+# %% [markdown]
+# CPU-bound work scales with *processes*, up to the number of cores (more children than cores
+# only take turns). I/O-bound work scales with *concurrency* of any kind, and threads are the
+# cheap way to wait on many things at once. Measure your own tasks before picking.
+#
+# ## Child recycling
+#
+# Long-lived children accumulate leaks. `--max-tasks-per-child 2` replaces a child after two tasks;
+# `--max-memory-per-child` (KiB) replaces it *after the task that crossed the limit* finishes.
+
+# %%
+recycled = stack.worker("ch02_tasks", name="recycled", concurrency=1, queues=["recycled"],
+                        extra_args=["--max-tasks-per-child", "2"])
+capped = stack.worker("ch02_tasks", name="capped", concurrency=1, queues=["capped"])
+recycled.start()
+pids = [ch02_tasks.whoami.apply_async(queue="recycled").get(timeout=10) for _ in range(6)]
+print("pids for six tasks with --max-tasks-per-child 2:", pids)
+assert len(set(pids)) == 3 and pids[0] == pids[1] and pids[2] == pids[3] != pids[1]
+
+# %%
+baseline = ch02_tasks.peak_rss_kib.apply_async(queue="recycled").get(timeout=10)
+capped.extra_args = ["--max-memory-per-child", str(baseline + 60 * 1024)]  # baseline + 60 MiB
+capped.start()
+before = ch02_tasks.whoami.apply_async(queue="capped").get(timeout=10)
+ate = ch02_tasks.hungry.apply_async((100,), queue="capped").get(timeout=20)
+after = ch02_tasks.whoami.apply_async(queue="capped").get(timeout=20)
+print(f"baseline {baseline / 1024:.0f} MiB, cap {capped.extra_args[1]} KiB; pids: before {before},"
+      f" hungry ran on {ate}, next task on {after}")
+assert before == ate, "the hungry task ran on the same child"
+assert after != ate, "the child was replaced after the task that crossed the cap"
+stack.stop_workers()
+
+# %% [markdown]
+# ## Time limits
+#
+# A **soft** limit raises `SoftTimeLimitExceeded` inside the task, which can clean up and return.
+# A **hard** limit does not ask: the child is killed and replaced, and the result backend records a
+# failure. Both need the prefork pool.
+
+# %%
+limited = stack.start_worker("ch02_tasks", name="limited", concurrency=1, queues=["limits"])
+child_before = limited.children()
+soft = ch02_tasks.polite.apply_async((3,), queue="limits")
+print("soft:", soft.get(timeout=10), "| state:", soft.state)
+hard = ch02_tasks.stubborn.apply_async((3,), queue="limits")
+try:
+    hard.get(timeout=10)
+except Exception as exc:
+    print("hard:", type(exc).__name__, exc, "| state:", hard.state)
+child_after = stack.wait_until(lambda: [p for p in limited.children() if p not in child_before],
+                               10, "a replacement child")
+print("children before", child_before, "after", child_after)
+
+# %%
+assert soft.state == "SUCCESS" and soft.result == "stopped at the soft limit and cleaned up"
+meta = json.loads(r.get(f"celery-task-meta-{hard.id}"))
+assert hard.state == "FAILURE" and meta["result"]["exc_type"] == "TimeLimitExceeded"
+assert child_after and child_before[0] not in child_after, "the hard limit replaced the child"
+limited.stop()
+
+# %% [markdown]
+# ## Shutdown: warm vs cold, counted in Redis
+#
+# One child, prefetch multiplier 4, early ack. Send one 2 s task and three more: the worker runs
+# the first and *reserves* the others. Then stop it:
+#
+# * **warm** (SIGTERM): the running task finishes; the reserved messages go back to the queue;
+# * **cold** (SIGQUIT): the running task is abandoned. With early ack its message was already
+#   acknowledged, so it is *lost*; the reserved ones still go back.
+
+# %%
+def shutdown_experiment(cold):
+    r.delete("shutdown")
+    w = stack.start_worker("ch02_tasks", name="cold" if cold else "warm", concurrency=1,
+                           queues=["shutdown"], prefetch_multiplier=4)
+    first = ch02_tasks.wait_io.apply_async((2,), queue="shutdown")
+    rest = [ch02_tasks.wait_io.apply_async((0.1,), queue="shutdown") for _ in range(3)]
+    stack.started(first.id)
+    stack.wait_until(lambda: r.llen("shutdown") == 0, 5, "the worker to reserve the rest")
+    w.cold_stop() if cold else w.stop()
+    return {"running task": first.state, "back in queue": r.llen("shutdown"),
+            "reserved ids back": sorted(json.loads(m)["headers"]["id"]
+                                        for m in r.lrange("shutdown", 0, -1))
+            == sorted(x.id for x in rest)}
+
+
+warm = shutdown_experiment(cold=False)
+cold = shutdown_experiment(cold=True)
+plots.table([{"shutdown": "warm (TERM)", **warm}, {"shutdown": "cold (QUIT)", **cold}])
+
+# %%
+assert warm == {"running task": "SUCCESS", "back in queue": 3, "reserved ids back": True}
+assert cold["running task"] == "RETRY" and cold["back in queue"] == 3
+assert cold["reserved ids back"]
+assert not r.exists("unacked") or r.hlen("unacked") == 0
+
+# %% [markdown]
+# The cold shutdown's running task is gone: no message in the queue, none in `unacked`. Worse, the
+# result backend says `RETRY` (Celery records the abandoned task that way), yet no message exists
+# that could ever run it again. Chapter 4 makes that task survive (`acks_late`) and shows
+# what *that* costs.
+#
+# ## Lab 2
+#
+# `labs/lab02_pool_and_concurrency.ipynb`: choose pools and concurrency for a mixed workload
+# that must reach a throughput target. **Next:** Chapter 3 — queue routing.
+
+# %%
+stack.stop()
