@@ -1,7 +1,7 @@
 """One notebook's live stack: its broker, its workers, its recordings, and their cleanup.
 
     stack = celerylab.start("ch01")          # a private Redis (or a claimed database of REDIS_URL)
-    w = stack.start_worker("ch01_tasks", concurrency=2)
+    w = stack.spawn_worker("ch01_tasks", concurrency=2)
     ...
     stack.stop()                             # also at kernel exit, and by the watchdog on a crash
 
@@ -81,7 +81,7 @@ class Stack:
         """A Worker (not started yet): see ``Worker`` for the options; ``.command`` shows the flags."""
         return Worker(self, app, **options)
 
-    def start_worker(self, app: str, **options) -> Worker:
+    def spawn_worker(self, app: str, **options) -> Worker:
         return self.worker(app, **options).start()
 
     def start_workers(self, *workers: Worker) -> list[Worker]:
@@ -220,7 +220,7 @@ class Stack:
             line(bool(replies), f"worker {w.hostname} (pid {w.pid}) answers ping",
                  f"look at its log: stack.worker_log('{w.name}'), then restart it")
         if not any(w.alive for w in self._workers):
-            print("  info no worker running (start one with stack.start_worker(...))")
+            print("  info no worker running (start one with stack.spawn_worker(...))")
         return ok
 
     def worker_log(self, name: str, lines: int = 40) -> None:

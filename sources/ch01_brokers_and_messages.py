@@ -127,7 +127,7 @@ assert envelope["properties"]["body_encoding"] == "base64"
 # `celery-task-meta-<id>`: a string of JSON with a time to live of `result_expires`.
 
 # %%
-worker = stack.start_worker("ch01_tasks", name="w1", concurrency=1, prefetch_multiplier=1)
+worker = stack.spawn_worker("ch01_tasks", name="w1", concurrency=1, prefetch_multiplier=1)
 print(result.get(timeout=10))
 meta_key = f"celery-task-meta-{result.id}"
 print(r.get(meta_key).decode(), "\nTTL:", r.ttl(meta_key), "s")
@@ -178,7 +178,7 @@ killed_at = time.time()
 print(f"worker killed; queue length {r.llen('celery')}, unacked {r.hlen('unacked')}")
 stranded = (r.llen("celery"), r.hlen("unacked"))
 
-rescuer = stack.start_worker("ch01_tasks", name="w2", concurrency=1, prefetch_multiplier=1)
+rescuer = stack.spawn_worker("ch01_tasks", name="w2", concurrency=1, prefetch_multiplier=1)
 outcome = job.get(timeout=30)
 attempts = stack.wait_for([job.id])
 second = attempts[-1]

@@ -104,7 +104,7 @@ def stubborn(seconds):
 # %%
 import ch02_tasks
 
-worker = stack.start_worker("ch02_tasks", name="anatomy", concurrency=3)
+worker = stack.spawn_worker("ch02_tasks", name="anatomy", concurrency=3)
 results = [ch02_tasks.whoami.delay() for _ in range(9)]
 ran_on = [res.get(timeout=10) for res in results]
 children = worker.children()
@@ -214,7 +214,7 @@ stack.stop_workers()
 # failure. Both need the prefork pool.
 
 # %%
-limited = stack.start_worker("ch02_tasks", name="limited", concurrency=1, queues=["limits"])
+limited = stack.spawn_worker("ch02_tasks", name="limited", concurrency=1, queues=["limits"])
 child_before = limited.children()
 soft = ch02_tasks.polite.apply_async((3,), queue="limits")
 print("soft:", soft.get(timeout=10), "| state:", soft.state)
@@ -247,7 +247,7 @@ limited.stop()
 # %%
 def shutdown_experiment(cold):
     r.delete("shutdown")
-    w = stack.start_worker("ch02_tasks", name="cold" if cold else "warm", concurrency=1,
+    w = stack.spawn_worker("ch02_tasks", name="cold" if cold else "warm", concurrency=1,
                            queues=["shutdown"], prefetch_multiplier=4)
     first = ch02_tasks.wait_io.apply_async((2,), queue="shutdown")
     rest = [ch02_tasks.wait_io.apply_async((0.1,), queue="shutdown") for _ in range(3)]

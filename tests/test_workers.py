@@ -26,7 +26,7 @@ def wait_gone(pids, timeout=10.0) -> list[int]:
 
 
 def test_worker_boots_runs_tasks_and_records_them(stack, tasks_module):
-    worker = stack.start_worker(tasks_module, concurrency=2)
+    worker = stack.spawn_worker(tasks_module, concurrency=2)
     assert worker.boot_seconds < 10
     assert len(worker.children()) == 2
     mod = __import__(tasks_module)
@@ -42,7 +42,7 @@ def test_worker_boots_runs_tasks_and_records_them(stack, tasks_module):
 def test_worker_with_missing_module_fails_fast_with_its_log(stack, tasks_module):
     t0 = time.monotonic()
     with pytest.raises(WorkerError) as err:
-        stack.start_worker("no_such_tasks_module")
+        stack.spawn_worker("no_such_tasks_module")
     assert time.monotonic() - t0 < 10
     assert "exited" in str(err.value) and "no_such_tasks_module" in str(err.value)
 
@@ -51,18 +51,18 @@ def test_worker_whose_module_raises_shows_the_error(stack, tmp_path, monkeypatch
     (tmp_path / "broken_tasks.py").write_text("raise RuntimeError('typo in the task module')\n")
     monkeypatch.chdir(tmp_path)
     with pytest.raises(WorkerError, match="typo in the task module"):
-        stack.start_worker("broken_tasks")
+        stack.spawn_worker("broken_tasks")
 
 
 def test_stop_leaves_no_process(stack, tasks_module):
-    worker = stack.start_worker(tasks_module, concurrency=2)
+    worker = stack.spawn_worker(tasks_module, concurrency=2)
     pids = [worker.pid, *worker.children()]
     worker.stop()
     assert wait_gone(pids) == []
 
 
 def test_killed_child_is_replaced_and_its_task_fails(stack, tasks_module):
-    worker = stack.start_worker(tasks_module, concurrency=1)
+    worker = stack.spawn_worker(tasks_module, concurrency=1)
     mod = __import__(tasks_module)
     res = mod.nap.delay(5)
     attempt = stack.started(res.id)
@@ -74,7 +74,7 @@ def test_killed_child_is_replaced_and_its_task_fails(stack, tasks_module):
 
 
 def test_killing_the_whole_worker_takes_its_children(stack, tasks_module):
-    worker = stack.start_worker(tasks_module, concurrency=2)
+    worker = stack.spawn_worker(tasks_module, concurrency=2)
     pids = [worker.pid, *worker.children()]
     worker.kill()
     assert wait_gone(pids, 5) == []
@@ -84,7 +84,7 @@ KERNEL = """
 import json, sys, time
 import celerylab
 stack = celerylab.start("orphans")
-w = stack.start_worker(sys.argv[1], concurrency=2)
+w = stack.spawn_worker(sys.argv[1], concurrency=2)
 print(json.dumps([stack.server.pid, w.pid, *w.children()]), flush=True)
 time.sleep(120)
 """
@@ -117,7 +117,7 @@ def test_a_real_jupyter_kernel_killed_mid_notebook_leaves_nothing(tasks_module, 
     out: list[str] = []
     try:
         code = ("import json, os, celerylab\nstack = celerylab.start('killed')\n"
-                f"w = stack.start_worker({tasks_module!r}, concurrency=2)\n"
+                f"w = stack.spawn_worker({tasks_module!r}, concurrency=2)\n"
                 "print(json.dumps([os.getpid(), stack.server.pid, w.pid, *w.children()]))")
         reply = kc.execute_interactive(
             code, timeout=60,
