@@ -174,15 +174,20 @@ def pid_alive(pid: int) -> bool:
 _LIVE: set[ProcessGroup] = set()
 
 
-def stop_all(timeout: float = 5.0) -> None:
-    """Stop every process group this kernel still owns, in parallel (atexit, and on demand)."""
-    groups = list(_LIVE)
+def stop_groups(groups, timeout: float = 5.0) -> None:
+    """SIGTERM every leader at once, wait for all within one shared bound, then SIGKILL the rest."""
+    groups = [g for g in groups if g is not None]
     for g in groups:
         g.send(signal.SIGTERM)
     deadline = time.monotonic() + timeout
     for g in groups:
         g.wait(max(0.0, deadline - time.monotonic()))
         g.kill()
+
+
+def stop_all(timeout: float = 5.0) -> None:
+    """Stop every process group this kernel still owns, in parallel (atexit, and on demand)."""
+    stop_groups(list(_LIVE), timeout)
 
 
 atexit.register(stop_all)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
-import signal
 import time
 from contextlib import contextmanager
 
@@ -24,7 +23,7 @@ from celery import Celery
 from celerylab import recording
 from celerylab.broker import RedisServer, claim_database, redact, release_database
 from celerylab.errors import CourseError
-from celerylab.processes import Watchdog, home
+from celerylab.processes import Watchdog, home, stop_groups
 from celerylab.workers import Worker
 
 _current: Stack | None = None
@@ -107,13 +106,7 @@ class Stack:
 
     def stop_workers(self, timeout: float = 10.0) -> None:
         """Warm-stop every worker of this notebook, in parallel."""
-        running = [w for w in self._workers if w.alive]
-        for w in running:
-            w.group.send(signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        for w in running:
-            w.group.wait(max(0.0, deadline - time.monotonic()))
-            w.kill()
+        stop_groups([w.group for w in self._workers if w.alive], timeout)
         self._workers = [w for w in self._workers if w.alive]
 
     def stop(self) -> None:
