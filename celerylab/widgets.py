@@ -45,3 +45,47 @@ def queue_explorer(task, r, queue: str = "celery"):
     send.on_click(on_send)
     empty.on_click(lambda _: show(f"deleted {purge(r, queue)} messages from {queue!r}"))
     return w.VBox([w.HBox([count, send, empty]), out])
+
+
+def latency_experiment(stack, fast_task, slow_task, *, fast_queue: str, slow_queue: str,
+                       n_fast: int = 20, n_slow: int = 6, slow_seconds: float = 1.0,
+                       timeout: float = 60) -> dict:
+    """Send ``n_slow`` slow tasks, then ``n_fast`` fast ones, to the queues given (overriding any
+    route); wait for all; return the fast tasks' latencies (sent to finished) with p50 and p95."""
+    from celerylab.recording import percentile
+    slow = [slow_task.apply_async((slow_seconds,), queue=slow_queue).id for _ in range(n_slow)]
+    fast = [fast_task.apply_async((i,), queue=fast_queue).id for i in range(n_fast)]
+    done = stack.wait_for(slow + fast, timeout=timeout)
+    latencies = [a.latency for a in done if a.id in set(fast)]
+    return {"fast queue": fast_queue, "slow queue": slow_queue, "latencies": latencies,
+            "p50": percentile(latencies, 50), "p95": percentile(latencies, 95),
+            "attempts": done}
+
+
+def routing_explorer(stack, fast_task, slow_task, queues: list[str]):
+    """Pick the queue of the fast and of the slow tasks, run the experiment, see the latencies."""
+    import ipywidgets as w
+    import matplotlib.pyplot as plt
+
+    from celerylab import plots
+
+    fast_q = w.Dropdown(options=queues, value=queues[0], description="fast tasks ->")
+    slow_q = w.Dropdown(options=queues, value=queues[-1], description="slow tasks ->")
+    run = w.Button(description="run experiment")
+    out = w.Output()
+    history: dict[str, list[float]] = {}
+
+    def on_run(_):
+        out.clear_output()
+        with out:
+            print("running ...")
+            res = latency_experiment(stack, fast_task, slow_task, fast_queue=fast_q.value,
+                                     slow_queue=slow_q.value)
+            history[f"fast:{fast_q.value}\nslow:{slow_q.value}"] = res["latencies"]
+            out.clear_output()
+            print(f"fast tasks p50 {res['p50']:.3f} s, p95 {res['p95']:.3f} s")
+            plots.latency_distributions(history, "Fast-task latency by layout", log=True)
+            plt.show()
+
+    run.on_click(on_run)
+    return w.VBox([w.HBox([fast_q, slow_q, run]), out])

@@ -22,3 +22,25 @@ def crunch(n):
 def wait_io(seconds):
     """I/O-bound: waits, as on a network call."""
     time.sleep(seconds)
+
+
+_hoard = []
+
+
+@app.task
+def lookup(x):
+    """Latency-sensitive: a user waits for it."""
+    return x
+
+
+@app.task
+def render_report(seconds):
+    """Slow."""
+    time.sleep(seconds)
+
+
+@app.task
+def import_catalog(mb):
+    """Memory-hungry: keeps `mb` MiB in the child that runs it."""
+    _hoard.append(bytearray(b"\x01") * (mb * 1024 * 1024))
+    return os.getpid()

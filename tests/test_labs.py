@@ -11,7 +11,7 @@ import pytest
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
-from celerylab.checks import LabCheckFailed, check_lab01, check_lab02
+from celerylab.checks import LabCheckFailed, check_lab01, check_lab02, check_lab03
 from celerylab.labgen import STUB, SourceError, build, split_solution
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -137,3 +137,46 @@ def test_lab02_checker_rejects_wrong_layouts(stack, layout, hint):
 
     with pytest.raises(LabCheckFailed, match=hint):
         check_lab02(choose_layout, stack)
+
+
+# Lab 3 ---------------------------------------------------------------------------------------
+FAST, SLOW, BULKY = ("celerylab.workloads.lookup", "celerylab.workloads.render_report",
+                     "celerylab.workloads.import_catalog")
+
+
+def test_lab03_checker_accepts_the_solution(stack, capsys):
+    check_lab03(solution_function("lab03_routing_layout", "routing_plan"), stack)
+    assert "Lab 3 passed" in capsys.readouterr().out
+
+
+def _plan(routes, *workers):
+    return {"routes": routes, "workers": list(workers)}
+
+
+ONE_QUEUE = {FAST: {"queue": "work"}, SLOW: {"queue": "work"}, BULKY: {"queue": "work"}}
+SEPARATE = {FAST: {"queue": "fast"}, SLOW: {"queue": "slow"}, BULKY: {"queue": "bulky"}}
+
+
+@pytest.mark.parametrize("plan, hint", [
+    (None, "not written yet"),
+    (_plan(ONE_QUEUE, {"queues": ["work"], "concurrency": 6}), "waited in the queue 'work'"),
+    (_plan(SEPARATE, {"queues": ["fast", "slow"], "concurrency": 4},
+           {"queues": ["bulky"], "concurrency": 1}), "which also serves other work"),
+    (_plan({FAST: {"queue": "fast"}, SLOW: {"queue": "slow"}},
+           {"queues": ["fast"], "concurrency": 1}, {"queues": ["slow"], "concurrency": 4}),
+     "'celery', which no worker consumes"),
+    (_plan(SEPARATE, {"queues": ["fast"], "concurrency": 1},
+           {"queues": ["slow"], "concurrency": 4}, {"queues": ["bulky"], "concurrency": 1}),
+     "still alive"),
+    (_plan(SEPARATE, {"queues": ["fast"], "concurrency": 4},
+           {"queues": ["slow"], "concurrency": 4}, {"queues": ["bulky"], "concurrency": 1}),
+     "budget"),
+])
+def test_lab03_checker_rejects_wrong_plans(stack, plan, hint):
+    def routing_plan():
+        if plan is None:
+            raise NotImplementedError
+        return plan
+
+    with pytest.raises(LabCheckFailed, match=hint):
+        check_lab03(routing_plan, stack)
