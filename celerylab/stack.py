@@ -71,7 +71,8 @@ class Stack:
     def control(self) -> Celery:
         """A Celery app bound to this broker, for ``control.ping`` and ``control.inspect``."""
         if self._control is None:
-            self._control = Celery("celerylab-control", broker=self.url, set_as_current=False)
+            self._control = Celery("celerylab-control", broker=self.url, backend=self.url,
+                                   set_as_current=False)
             self._control.conf.update(accept_content=["json"], task_serializer="json",
                                       result_serializer="json", broker_connection_timeout=3)
         return self._control

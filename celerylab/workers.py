@@ -87,7 +87,8 @@ class Worker:
         argv = [sys.executable, "-m", "celery", *self.command[1:]]
         self.group = ProcessGroup.spawn(argv, log=self.logfile.with_suffix(".out"), env=env,
                                         cwd=self.cwd, watchdog=self.stack.watchdog)
-        self.stack._workers.append(self)
+        if self not in self.stack._workers:
+            self.stack._workers.append(self)
         deadline = t0 + timeout
         while True:
             if self.stack.redis.blpop([ready_key], timeout=0.1):

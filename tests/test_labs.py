@@ -11,7 +11,7 @@ import pytest
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
-from celerylab.checks import LabCheckFailed, check_lab01, check_lab02, check_lab03
+from celerylab.checks import LabCheckFailed, check_lab01, check_lab02, check_lab03, check_lab04
 from celerylab.labgen import STUB, SourceError, build, split_solution
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -180,3 +180,39 @@ def test_lab03_checker_rejects_wrong_plans(stack, plan, hint):
 
     with pytest.raises(LabCheckFailed, match=hint):
         check_lab03(routing_plan, stack)
+
+
+# Lab 4 ---------------------------------------------------------------------------------------
+def lab04_module(variant: str) -> str:
+    """The solution's task module, or a wrong variant of it."""
+    nb = nbformat.read(ROOT / "solutions" / "lab04_exactly_once_payments.ipynb", as_version=4)
+    cell = next(c.source for c in nb.cells if c.source.startswith("%%writefile lab04_tasks.py"))
+    code = cell.split("\n", 1)[1]
+    if variant == "early ack":
+        code = code.replace("app.conf.task_acks_late = True", "app.conf.task_acks_late = False")
+    elif variant == "not idempotent":
+        code = code.replace('CREDIT_ONCE(keys=[f"payment:{payment_id}", "balances"],',
+                            'db.hincrby("balances", account, amount_cents) or (')
+        code = code.replace("args=[amount_cents, 7 * 24 * 3600, account])", ")")
+    elif variant == "stub":
+        code = code.replace("app.conf.task_acks_late = True",
+                            "raise NotImplementedError('your turn')")
+    assert variant == "solution" or code != cell.split("\n", 1)[1], variant
+    return code
+
+
+@pytest.mark.parametrize("variant, hint", [
+    ("solution", None),
+    ("stub", "NotImplementedError"),
+    ("early ack", "message is gone"),
+    ("not idempotent", "acct-A holds 2000"),
+])
+def test_lab04_checker(stack, tmp_path, monkeypatch, capsys, variant, hint):
+    (tmp_path / "lab04_tasks.py").write_text(lab04_module(variant))
+    monkeypatch.chdir(tmp_path)
+    if hint is None:
+        check_lab04(stack)
+        assert "Lab 4 passed" in capsys.readouterr().out
+    else:
+        with pytest.raises(LabCheckFailed, match=hint):
+            check_lab04(stack)
