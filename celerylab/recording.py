@@ -136,21 +136,36 @@ def read_events(client: redis.Redis) -> list[dict]:
 def attempts(client: redis.Redis, ids=None) -> list[Attempt]:
     """Group recorded events into attempts, in order of first appearance.
 
-    A ``sent`` event opens a new attempt (a retry is a new message); a second ``received`` for the
-    same task without a new ``sent`` is a redelivery, and opens one too.
+    A ``sent`` event opens a new attempt (a retry is a new message); a ``received`` with no attempt
+    waiting for it is a redelivery, and opens one too. ``started`` and ``finished`` belong to the
+    latest attempt still waiting for them: a retry's ``sent`` is recorded *before* the attempt that
+    publishes it finishes.
     """
     wanted = set(ids) if ids is not None else None
-    current: dict[str, Attempt] = {}
+    per_task: dict[str, list[Attempt]] = {}
     out: list[Attempt] = []
+
+    def latest(runs, test):
+        return next((a for a in reversed(runs) if test(a)), None)
+
     for e in read_events(client):
         tid = e["id"]
         if wanted is not None and tid not in wanted:
             continue
-        a = current.get(tid)
+        runs = per_task.setdefault(tid, [])
         kind = e["event"]
-        if a is None or kind == "sent" or (kind == "received" and a.received is not None):
+        if kind == "sent":
+            a = None
+        elif kind == "received":
+            a = next((x for x in runs if x.received is None and x.started is None), None)
+        elif kind == "started":
+            a = latest(runs, lambda x: x.started is None)
+        else:
+            a = latest(runs, lambda x: x.started is not None and x.finished is None) or \
+                latest(runs, lambda x: x.finished is None)
+        if a is None:
             a = Attempt(id=tid, name=e.get("name") or "", retries=e.get("retries", 0))
-            current[tid] = a
+            runs.append(a)
             out.append(a)
         a.events.append(e)
         a.name = e.get("name") or a.name

@@ -31,3 +31,15 @@ def test_percentile():
     assert percentile([5], 95) == 5
     with pytest.raises(ValueError):
         percentile([], 50)
+
+
+def test_a_retry_sent_before_its_attempt_finishes(stack):
+    """The worker publishes the retry (sent) before the failing attempt's postrun (finished)."""
+    push(stack,
+         ("sent", "b", {}), ("received", "b", {}), ("started", "b", {}),
+         ("sent", "b", {"retries": 1}), ("finished", "b", {"state": "RETRY"}),
+         ("received", "b", {}), ("started", "b", {"retries": 1}),
+         ("finished", "b", {"state": "SUCCESS"}))
+    got = attempts(stack.redis)
+    assert [(a.sent, a.received, a.started, a.finished, a.state) for a in got] == [
+        (0.0, 1.0, 2.0, 4.0, "RETRY"), (3.0, 5.0, 6.0, 7.0, "SUCCESS")]
