@@ -1,0 +1,125 @@
+# %% [markdown]
+# # Lab 5 — Retries and dead letters for a flaky dependency
+#
+# `sync_order` calls a dependency that fails in two ways:
+#
+# * `DependencyDown`: it is unavailable for a while (worth retrying, later);
+# * `InvalidOrder`: the order itself is malformed (retrying cannot help).
+#
+# **Your task:**
+# 1. a retry **policy** for `sync_order`: retry only what can recover, with exponential backoff,
+#    jitter, a cap on the delay (at most 4 s here) and a bounded number of retries (2 to 5);
+# 2. **dead-letter handling**: when `sync_order` fails for good, push a JSON dict with `task`,
+#    `id`, `args`, `kwargs`, `error` and `attempts` onto the Redis list `lab05:dead`;
+# 3. `replay_dead_letters`: after the cause is fixed, re-send every dead letter with its original
+#    payload, and leave the list empty.
+#
+# The checker injects faults per order: some recover after two failures, one never recovers, one is
+# malformed. It measures the delays between attempts against your policy, reads the dead-letter
+# list, fixes the dependency, and calls your replay. Chapter 5 has the pieces.
+
+# %%
+import json
+
+import celerylab
+from celerylab.checks import check_lab05
+
+stack = celerylab.start("lab05")
+
+# %% [markdown]
+# ## The task module
+
+# %%
+# %%writefile lab05_tasks.py
+"""Lab 5: a task calling a flaky dependency."""
+
+import json
+import os
+
+import redis
+from celery import Celery
+
+BROKER = os.environ["CELERYLAB_BROKER_URL"]
+
+app = Celery("lab05_tasks", broker=BROKER, backend=BROKER)
+app.conf.update(
+    task_serializer="json",
+    result_serializer="json",
+    accept_content=["json"],
+    worker_prefetch_multiplier=1,
+    broker_connection_retry_on_startup=True,
+)
+db = redis.Redis.from_url(BROKER)
+
+
+class DependencyDown(Exception):
+    """The dependency did not answer: worth trying again later."""
+
+
+class InvalidOrder(Exception):
+    """The order itself is wrong: retrying cannot help."""
+
+
+def call_dependency(order_id):
+    """Given. The checker decides, per order id, how it fails."""
+    fault = db.hget("lab05:faults", order_id)
+    if fault == b"invalid":
+        raise InvalidOrder(f"order {order_id} is malformed")
+    if fault == b"down" and db.hincrby("lab05:failures-left", order_id, -1) >= 0:
+        raise DependencyDown(f"dependency unavailable for {order_id}")
+    return f"synced {order_id}"
+
+
+DEAD_LETTERS = "lab05:dead"  # a Redis list of JSON dicts: task, id, args, kwargs, error, attempts
+
+# Define POLICY (options for @app.task) and BASE (the task's base class).
+### BEGIN SOLUTION
+POLICY = {
+    "autoretry_for": (DependencyDown,),  # only what a later attempt can fix
+    "retry_backoff": True,  # 1, 2, 4 ... s
+    "retry_backoff_max": 2,  # capped at 2 s
+    "retry_jitter": True,  # callers that failed together do not retry together
+    "max_retries": 3,  # four attempts in all, then a dead letter
+}
+
+
+class DeadLetterOnFailure(app.Task):
+    def on_failure(self, exc, task_id, args, kwargs, einfo):
+        """Runs once, when the task has failed for good (not on each retry)."""
+        db.lpush(DEAD_LETTERS, json.dumps({
+            "task": self.name, "id": task_id, "args": list(args), "kwargs": kwargs,
+            "error": f"{type(exc).__name__}: {exc}", "attempts": self.request.retries + 1}))
+
+
+BASE = DeadLetterOnFailure
+### END SOLUTION
+
+
+@app.task(base=BASE, **POLICY)
+def sync_order(order_id):
+    return call_dependency(order_id)
+
+
+# %% [markdown]
+# ## Replay
+
+# %%
+def replay_dead_letters(r, send_task):
+    """Re-send every dead letter (oldest first) with its original payload; return the results."""
+    ### BEGIN SOLUTION
+    results = []
+    while (raw := r.rpop("lab05:dead")) is not None:  # LPUSHed, so the oldest is on the right
+        letter = json.loads(raw)
+        results.append(send_task(letter["task"], letter["args"], letter["kwargs"]))
+    return results
+    ### END SOLUTION
+
+
+# %% [markdown]
+# ## Check
+
+# %%
+check_lab05(replay_dead_letters, stack)
+
+# %%
+stack.stop()
