@@ -487,17 +487,24 @@ def check_lab05(replay_dead_letters, stack) -> None:
         worker.start()
         calls = {k: stack.control.send_task(LAB05_TASK, (k,))
                  for k in ("ok-1", "flaky-1", "flaky-2", "down-1", "bad-1")}
-        stack.wait_until(lambda: all(c.state in ("SUCCESS", "FAILURE") for c in calls.values()),
-                         sum(bounds) + 10, "every call to succeed or give up")
+        try:
+            stack.wait_until(lambda: all(stack.outcome(c.id) for c in calls.values()),
+                             sum(bounds) + 10, "every call to succeed or give up")
+        except CourseError:
+            stuck = [k for k, c in calls.items() if not stack.outcome(c.id)]
+            raise LabCheckFailed(f"After {sum(bounds) + 10} s these calls had not finished: "
+                                 f"{stuck}.\nThe worker's log ends with:\n{worker.log_tail(15)}") \
+                from None
+        state = {k: stack.outcome(c.id) for k, c in calls.items()}
 
         def runs(key):
             return sorted((a for a in stack.records([calls[key].id]) if a.started),
                           key=lambda a: a.started)
 
         for key in ("ok-1", "flaky-1", "flaky-2"):
-            if calls[key].state != "SUCCESS":
+            if state[key] != "SUCCESS":
                 raise LabCheckFailed(f"{key} failed twice, then would have succeeded, but it "
-                                     f"ended in {calls[key].state}. Transient failures must "
+                                     f"ended in {state[key]}. Transient failures must "
                                      "succeed within the retry budget.")
         for key in ("flaky-1", "flaky-2"):
             attempts = runs(key)
@@ -517,8 +524,8 @@ def check_lab05(replay_dead_letters, stack) -> None:
             by_order[(letter["args"] or [None])[0]] = letter
         for key, attempts, exc in (("down-1", policy["max_retries"] + 1, "DependencyDown"),
                                    ("bad-1", 1, "InvalidOrder")):
-            if calls[key].state != "FAILURE":
-                raise LabCheckFailed(f"{key} should have failed for good; it ended {calls[key].state}.")
+            if state[key] != "FAILURE":
+                raise LabCheckFailed(f"{key} should have failed for good; it ended {state[key]}.")
             letter = by_order.get(key)
             if letter is None:
                 raise LabCheckFailed(f"{key} failed for good but is not in the dead-letter list "
