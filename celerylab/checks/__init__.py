@@ -1,0 +1,15 @@
+"""Lab checkers, one module per lab (``celerylab/checks/labNN.py``), shared parts in ``common``.
+
+Each runs the learner's code against the live stack and prints what passed, or raises
+``LabCheckFailed`` with a hint that names the symptom without giving the answer away.
+"""
+
+from celerylab.checks.common import LabCheckFailed, MachineTooBusy
+from celerylab.checks.lab01 import check_lab01
+from celerylab.checks.lab02 import check_lab02, run_lab02_workload
+from celerylab.checks.lab03 import check_lab03
+from celerylab.checks.lab04 import check_lab04
+from celerylab.checks.lab05 import check_lab05
+
+__all__ = ["LabCheckFailed", "MachineTooBusy", "check_lab01", "check_lab02", "check_lab03",
+           "check_lab04", "check_lab05", "run_lab02_workload"]

@@ -1,0 +1,71 @@
+"""What every lab checker shares: the failure types, the output lines, the learner-call guards.
+
+A checker prints one line per thing it verified and ends with a pass message, or raises
+``LabCheckFailed`` with a hint that names the symptom without giving the answer away. In Jupyter the
+failure shows as a short message, not a stack trace (``CourseError._render_traceback_``).
+
+Timing verdicts are relative: a checker measures a reference on the same machine in the same run
+(a baseline layout, a plain CPU burn) and judges the answer against it. When the reference shows
+that the machine cannot show the effect right now, it raises ``MachineTooBusy``: never a pass,
+never a blame on the answer.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from celerylab.errors import CourseError
+
+POOLS = ("prefork", "threads", "solo")
+
+
+class LabCheckFailed(CourseError, AssertionError):
+    """The lab's answer does not do what the lab asks yet; the message is a hint."""
+
+
+class MachineTooBusy(LabCheckFailed):
+    """The reference measured in this run shows the machine cannot judge the answer right now."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(f"The machine is too busy to judge this right now: {what}\n"
+                         "This says nothing about your answer. Close what else is running "
+                         "(another notebook, a build) and run the check again.")
+
+
+def ok(text: str) -> None:
+    print(f"  ok  {text}")
+
+
+def call_learner(fn, *args, what: str):
+    """Call the learner's function; turn a stub or a crash into a hint."""
+    try:
+        return fn(*args)
+    except NotImplementedError:
+        raise LabCheckFailed(f"{what} is not written yet: replace the `raise NotImplementedError` "
+                             "line with your code, run that cell, then run this check again.") from None
+    except LabCheckFailed:
+        raise
+    except Exception as exc:
+        raise LabCheckFailed(f"{what} raised {type(exc).__name__}: {exc}\n"
+                             "Run it by hand on the example above to see where it breaks.") from None
+
+
+def checker(fn):
+    """Wrap a lab checker: whatever the learner's answer does, the learner sees a hint, never a
+    traceback from celerylab. A ``CourseError`` (a hint, or a course message such as a worker that
+    did not boot) passes through; anything else is reported as what the answer made go wrong."""
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except CourseError:
+            raise
+        except Exception as exc:
+            raise LabCheckFailed(
+                f"The check could not go on: {type(exc).__name__}: {exc}\n"
+                "Something your answer returned or did was not of the shape the lab describes "
+                "(a value of another type, a missing key, a message that is not JSON?). Compare "
+                "it with the lab's description, then run the check again.") from None
+
+    return run
