@@ -60,3 +60,26 @@ def course_env(**extra) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CELERYLAB_", "REDIS_URL"))}
     env.update(extra)
     return env
+
+
+def solution_function(lab: str, name: str):
+    """Execute the solution notebook's cell that defines ``name`` and return the function."""
+    import base64
+    import json
+
+    import nbformat
+    nb = nbformat.read(ROOT / "solutions" / f"{lab}.ipynb", as_version=4)
+    scope = {"json": json, "base64": base64}
+    cell = next(c for c in nb.cells if c.cell_type == "code" and f"def {name}(" in c.source)
+    exec(compile(cell.source, lab, "exec"), scope)
+    return scope[name]
+
+
+@pytest.fixture
+def hog():
+    """One busy-loop process beside the test: checkers must judge right on a busy machine."""
+    import subprocess
+    proc = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    yield proc
+    proc.kill()
+    proc.wait()

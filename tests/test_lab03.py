@@ -1,0 +1,53 @@
+"""Lab 3 (routes and layout): the checker accepts right answers and rejects wrong ones,
+with a busy-loop process running beside it."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import solution_function
+
+from celerylab.checks import LabCheckFailed, check_lab03
+
+pytestmark = pytest.mark.usefixtures("hog")
+
+
+FAST, SLOW, BULKY = ("celerylab.workloads.lookup", "celerylab.workloads.render_report",
+                     "celerylab.workloads.import_catalog")
+
+
+def test_lab03_checker_accepts_the_solution(stack, capsys):
+    check_lab03(solution_function("lab03_routing_layout", "routing_plan"), stack)
+    assert "Lab 3 passed" in capsys.readouterr().out
+
+
+def _plan(routes, *workers):
+    return {"routes": routes, "workers": list(workers)}
+
+
+ONE_QUEUE = {FAST: {"queue": "work"}, SLOW: {"queue": "work"}, BULKY: {"queue": "work"}}
+SEPARATE = {FAST: {"queue": "fast"}, SLOW: {"queue": "slow"}, BULKY: {"queue": "bulky"}}
+
+
+@pytest.mark.parametrize("plan, hint", [
+    (None, "not written yet"),
+    (_plan(ONE_QUEUE, {"queues": ["work"], "concurrency": 6}), "waited in the queue 'work'"),
+    (_plan(SEPARATE, {"queues": ["fast", "slow"], "concurrency": 4},
+           {"queues": ["bulky"], "concurrency": 1}), "which also serves other work"),
+    (_plan({FAST: {"queue": "fast"}, SLOW: {"queue": "slow"}},
+           {"queues": ["fast"], "concurrency": 1}, {"queues": ["slow"], "concurrency": 4}),
+     "'celery', which no worker consumes"),
+    (_plan(SEPARATE, {"queues": ["fast"], "concurrency": 1},
+           {"queues": ["slow"], "concurrency": 4}, {"queues": ["bulky"], "concurrency": 1}),
+     "still alive"),
+    (_plan(SEPARATE, {"queues": ["fast"], "concurrency": 4},
+           {"queues": ["slow"], "concurrency": 4}, {"queues": ["bulky"], "concurrency": 1}),
+     "budget"),
+])
+def test_lab03_checker_rejects_wrong_plans(stack, plan, hint):
+    def routing_plan():
+        if plan is None:
+            raise NotImplementedError
+        return plan
+
+    with pytest.raises(LabCheckFailed, match=hint):
+        check_lab03(routing_plan, stack)
