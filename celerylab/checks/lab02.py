@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
-from celerylab.checks.common import POOLS, LabCheckFailed, call_learner, checker, ok
+from celerylab.checks.common import (
+    POOLS,
+    LabCheckFailed,
+    call_learner,
+    checker,
+    ok,
+)
+from celerylab.errors import CourseError
 
-# Sized so that the deciding factor is how many waits a layout overlaps (robust on a loaded
-# 2-core machine), while CPU-bound tasks stuck behind waiting ones still miss the target.
-LAB02_CPU = (8, 1_500_000)  # 8 CPU-bound tasks of ~0.08 s each
+# Each kind of work is judged against a reference measured in the same check, never against an
+# absolute tasks/s: CPU-bound tasks against the same burns run by one and by two plain processes
+# right now; I/O-bound tasks in "waves", their span over what one of them takes.
+LAB02_CPU = (8, 4_500_000)  # 8 CPU-bound tasks (together one or two seconds of CPU on a laptop)
 LAB02_IO = (60, 0.5)  # 60 I/O-bound tasks waiting 0.5 s each
-LAB02_TARGET = 40.0  # tasks per second, first publish to last finish (a good layout: ~60)
+LAB02_MAX_WAVES = 5  # the I/O tasks finish within 5x the time one takes: their waits overlap
+LAB02_GIVE_UP_WAVES = 12  # stop a layout whose I/O tasks are still running after 12x one's time
+LAB02_MIN_PARALLELISM = 1.6  # below this the machine cannot show two cores at work right now
 
 
 def _validate_layout(layout) -> list[dict]:
@@ -31,8 +41,16 @@ def _validate_layout(layout) -> list[dict]:
     return list(layout)
 
 
-def run_lab02_workload(stack, layout, time_bound: float = 8.0) -> dict:
-    """Start the layout's workers, run the lab's workload on them, stop them; report figures."""
+def run_lab02_workload(stack, layout) -> dict:
+    """Start the layout's workers, run the lab's workload on them, stop them; report figures.
+
+    ``cpu seconds``: first start to last finish of the CPU-bound tasks. ``io waves``: the span of
+    the I/O-bound tasks over the median time one of them ran (1 wave = all waited at once).
+    """
+    import time
+
+    from celerylab.recording import percentile
+
     layout = _validate_layout(layout)
     for queue in ("cpu", "io"):
         stack.redis.delete(queue)
@@ -41,56 +59,127 @@ def run_lab02_workload(stack, layout, time_bound: float = 8.0) -> dict:
                             prefetch_multiplier=1)
                for i, spec in enumerate(layout)]
     stack.start_workers(*workers)
+    (n_cpu, size), (n_io, wait) = LAB02_CPU, LAB02_IO
+    done: list = []
     try:
         send = stack.control.send_task  # by name: the task code lives in celerylab.workloads
-        (n_cpu, size), (n_io, wait) = LAB02_CPU, LAB02_IO
+        # One kind at a time, so that each is judged on its own: CPU-bound first, then I/O-bound.
         cpu = [send("celerylab.workloads.crunch", (size,), queue="cpu").id for _ in range(n_cpu)]
-        io = [send("celerylab.workloads.wait_io", (wait,), queue="io").id for _ in range(n_io)]
         try:
-            stack.wait_for(cpu + io, timeout=time_bound)
-        except Exception:
-            pass  # reported below as unfinished tasks
-        done = [a for a in stack.records(cpu + io) if a.state == "SUCCESS"]
+            stack.wait_for(cpu, timeout=60)
+        except CourseError:
+            pass  # reported as unfinished
+        io = [send("celerylab.workloads.wait_io", (wait,), queue="io").id for _ in range(n_io)]
+        while True:  # until every I/O task is done, or they have taken too many waves
+            done = [a for a in stack.records(cpu + io) if a.state == "SUCCESS"]
+            io_done = [a for a in done if a.id in set(io)]
+            if len(io_done) == n_io:
+                break
+            first = min((a.sent for a in stack.records(io) if a.sent), default=time.time())
+            unit = percentile([a.runtime for a in io_done], 50) if io_done else wait
+            if time.time() - first > LAB02_GIVE_UP_WAVES * unit + 5 * (not io_done):
+                break
+            time.sleep(0.05)
     finally:
+        if len(done) < n_cpu + n_io:
+            for w in workers:
+                w.kill()  # tasks are still running: no point in a warm shutdown
         stack.stop_workers()
-    total = n_cpu + n_io
-    first = min((a.sent for a in stack.records(cpu + io) if a.sent), default=0)
-    last = max((a.finished for a in done), default=first)
 
-    def span(ids):
-        runs = [a for a in done if a.id in set(ids)]
-        return (max(a.finished for a in runs) - min(a.started for a in runs)) if runs else None
+    def figures(ids):
+        ids = set(ids)
+        mine = [a for a in done if a.id in ids]
+        if len(mine) < len(ids):
+            return None, None
+        return (max(a.finished for a in mine) - min(a.started for a in mine),
+                percentile([a.runtime for a in mine], 50))
 
-    elapsed = last - first if len(done) == total else time_bound
-    return {"finished": len(done), "total": total, "seconds": elapsed,
+    cpu_span, _ = figures(cpu)
+    cpu_runs = [a for a in done if a.id in set(cpu)]
+    io_span, io_unit = figures(io)
+    sent = [a.sent for a in stack.records(cpu + io) if a.sent]
+    elapsed = max((a.finished for a in done), default=0) - min(sent, default=0)  # both phases
+    return {"finished": len(done), "total": n_cpu + n_io, "seconds": elapsed,
             "tasks/s": len(done) / elapsed if elapsed > 0 else 0.0,
-            "cpu seconds": span(cpu), "io seconds": span(io)}
+            "cpu seconds": cpu_span, "io seconds": io_span,
+            "io waves": io_span / io_unit if io_span else None,
+            "io finished": sum(a.id in set(io) for a in done),
+            "cpu processes at once": processes_at_once(cpu_runs)}
+
+
+def processes_at_once(runs) -> int:
+    """The most distinct processes that were running one of ``runs`` at the same moment."""
+    edges = sorted([(a.started, 1, a.pid) for a in runs] + [(a.finished, -1, a.pid) for a in runs],
+                   key=lambda e: (e[0], e[1]))  # at equal times, a finish comes before a start
+    running: dict[int, int] = {}
+    best = 0
+    for _, step, pid in edges:
+        running[pid] = running.get(pid, 0) + step
+        best = max(best, sum(1 for n in running.values() if n > 0))
+    return best
+
+
+def cpu_reference() -> dict:
+    """The lab's CPU-bound work burnt by one plain process, then by two, right now."""
+    from celerylab.reference import cpu_parallelism
+    n_cpu, size = LAB02_CPU
+    return cpu_parallelism(n=size, rounds=n_cpu)
 
 
 @checker
 def check_lab02(choose_layout, stack) -> None:
-    """Lab 2: a layout of pools and concurrency that reaches the throughput target."""
+    """Lab 2: each kind of work served as well as this machine allows, measured side by side."""
     layout = call_learner(choose_layout, what="choose_layout")
     _validate_layout(layout)
     ok(f"layout: {layout}")
-    fig = run_lab02_workload(stack, layout)
-    print(f"  measured {fig['tasks/s']:.1f} tasks/s ({fig['finished']}/{fig['total']} tasks in "
-          f"{fig['seconds']:.2f} s); target {LAB02_TARGET:.0f} tasks/s")
-    if fig["tasks/s"] >= LAB02_TARGET and fig["finished"] == fig["total"]:
-        ok("throughput target reached")
-        print("Lab 2 passed: the pool fits the work.")
-        return
     n_cpu, n_io = LAB02_CPU[0], LAB02_IO[0]
-    hints = []
-    if fig["cpu seconds"] is None or fig["cpu seconds"] > 1.2:
-        took = "never finished" if fig["cpu seconds"] is None else f"took {fig['cpu seconds']:.1f} s"
-        hints.append(f"The {n_cpu} CPU-bound tasks {took} from first start to last finish. "
-                     "Did they run in parallel? Which pool gives "
-                     "real parallelism for pure-Python work, and how many cores are there?")
-    if fig["io seconds"] is None or fig["io seconds"] > 1.5:
-        took = "never finished" if fig["io seconds"] is None else f"took {fig['io seconds']:.1f} s"
-        hints.append(f"The {n_io} I/O-bound tasks {took}; each "
-                     f"one mostly waits {LAB02_IO[1]} s. How many can your layout wait on at once?")
-    raise LabCheckFailed(f"{fig['tasks/s']:.1f} tasks/s is below the target of "
-                         f"{LAB02_TARGET:.0f}.\n" + "\n".join(hints or [
-                             "Both kinds ran reasonably; the two compete for the same workers?"]))
+    refs = [cpu_reference()]
+    fig = run_lab02_workload(stack, layout)
+    print(f"  measured: {fig['finished']}/{fig['total']} tasks, {fig['tasks/s']:.1f} tasks/s "
+          "(for information: the verdicts below are relative)")
+
+    # I/O-bound: in waves of the time one task takes, whatever the machine's speed.
+    if fig["io waves"] is None or fig["io waves"] > LAB02_MAX_WAVES:
+        took = (f"only {fig['io finished']} of {n_io} had finished after "
+                f"{LAB02_GIVE_UP_WAVES} times the time one takes" if fig["io waves"] is None
+                else f"took {fig['io waves']:.1f} times as long as one of them")
+        raise LabCheckFailed(
+            f"The {n_io} I/O-bound tasks {took}; the target is {LAB02_MAX_WAVES} times. Each one "
+            "mostly waits. How many waits can your layout overlap at once?")
+    ok(f"I/O-bound: all {n_io} done in {fig['io waves']:.1f} x the time one takes "
+       f"(target <= {LAB02_MAX_WAVES})")
+
+    # CPU-bound, what always shows: did the tasks run in two processes at the same moment?
+    at_once = fig["cpu processes at once"]
+    if fig["cpu seconds"] is None or at_once < 2:
+        took = ("did not all finish" if fig["cpu seconds"] is None
+                else f"never ran in two processes at the same moment (at most {at_once})")
+        raise LabCheckFailed(
+            f"The {n_cpu} CPU-bound tasks {took}. Pure-Python work holds the interpreter's lock: "
+            "which pool runs tasks in separate processes, and how many do you need for the "
+            "cores here?")
+    ok(f"CPU-bound: the tasks ran in {at_once} processes at the same moment")
+
+    # CPU-bound, the speed-up: against one and two plain processes burning the same work now.
+    def verdict():
+        ref = max(refs, key=lambda r: r["parallel s"] / r["serial s"])  # the busiest reference
+        return ref, fig["cpu seconds"] <= (ref["serial s"] + ref["parallel s"]) / 2
+
+    ref, good = verdict()
+    if not good:
+        refs.append(cpu_reference())  # the machine may have got busier meanwhile: look again
+        ref, good = verdict()
+    line = (f"{n_cpu} CPU-bound tasks took {fig['cpu seconds']:.2f} s; the same burns right now: "
+            f"one process {ref['serial s']:.2f} s, two processes {ref['parallel s']:.2f} s")
+    if good:
+        ok(line + " (closer to two)")
+    elif ref["parallelism"] < LAB02_MIN_PARALLELISM:
+        # Nothing can show a speed-up now: say so, and judge on what still holds (above).
+        print(f"  --  {line}: two plain processes got only {ref['parallelism']:.2f}x the work of "
+              "one done, so the machine is too busy to show a speed-up right now. Judged on the "
+              "processes above; run the check again when the machine is quieter to see it.")
+    else:
+        raise LabCheckFailed(
+            f"{line}: closer to one process than to two, although the tasks ran in {at_once} "
+            "processes at once. Was something else of yours competing for the cores?")
+    print("Lab 2 passed: each kind of work runs the way it should.")
