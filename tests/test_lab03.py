@@ -28,6 +28,17 @@ ONE_QUEUE = {FAST: {"queue": "work"}, SLOW: {"queue": "work"}, BULKY: {"queue": 
 SEPARATE = {FAST: {"queue": "fast"}, SLOW: {"queue": "slow"}, BULKY: {"queue": "bulky"}}
 
 
+def test_lab03_checker_accepts_an_unusual_right_plan(stack, capsys):
+    """Glob routes, a threads pool for the lookups, another split of the budget."""
+    plan = _plan({FAST: {"queue": "fast"}, "celerylab.workloads.render_*": {"queue": "reports"},
+                  "celerylab.workloads.import_*": {"queue": "imports"}},
+                 {"queues": ["fast"], "concurrency": 2, "pool": "threads"},
+                 {"queues": ["reports"], "concurrency": 3},
+                 {"queues": ["imports"], "concurrency": 1, "max_memory_per_child": 100 * 1024})
+    check_lab03(lambda: plan, stack)
+    assert "Lab 3 passed" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("plan, hint", [
     (None, "not written yet"),
     (_plan(ONE_QUEUE, {"queues": ["work"], "concurrency": 6}), "waited in the queue 'work'"),
@@ -42,6 +53,13 @@ SEPARATE = {FAST: {"queue": "fast"}, SLOW: {"queue": "slow"}, BULKY: {"queue": "
     (_plan(SEPARATE, {"queues": ["fast"], "concurrency": 4},
            {"queues": ["slow"], "concurrency": 4}, {"queues": ["bulky"], "concurrency": 1}),
      "budget"),
+    (_plan(SEPARATE, {"queues": ["fast", "bulky"], "concurrency": 3, "pool": "threads"},
+           {"queues": ["slow"], "concurrency": 3}), "same worker as the lookups"),
+    (_plan(SEPARATE, {"queues": "fast", "concurrency": 1}, {"queues": ["slow"], "concurrency": 4},
+           {"queues": ["bulky"], "concurrency": 1}), "list of queue names"),
+    (_plan([lambda name, *a, **k: {"queue": name.split(".")[3]}], {"queues": ["fast"],
+                                                                     "concurrency": 1}),
+     "could not apply your routes"),
 ])
 def test_lab03_checker_rejects_wrong_plans(stack, plan, hint):
     def routing_plan():

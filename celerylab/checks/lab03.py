@@ -9,7 +9,11 @@ from celerylab.processes import pid_alive
 LAB03_TASKS = {"lookup": "celerylab.workloads.lookup",
                "slow": "celerylab.workloads.render_report",
                "hungry": "celerylab.workloads.import_catalog"}
-LAB03_TARGET_P95 = 0.3  # seconds, sent to finished, for the lookups (a good layout: ~0.03)
+# The lookups' p95 latency (sent to finished) is judged against a baseline measured in the same
+# check: the same workload with every task in one queue, served by one worker with the whole
+# budget. Its p95 is made of the slow tasks' sleeps (head-of-line blocking), not of CPU speed, so
+# the ratio holds on a busy machine. A good layout: ~1-3% of it; sharing a worker: ~100%.
+LAB03_TARGET_RATIO = 0.25
 LAB03_MAX_CONCURRENCY = 6  # children or threads in all, across the workers
 
 
@@ -22,6 +26,13 @@ def _lab03_layout(plan) -> tuple[dict, list[dict]]:
     for spec in workers:
         if not isinstance(spec, dict) or {"queues", "concurrency"} - set(spec):
             raise LabCheckFailed(f"Each worker needs 'queues' and 'concurrency'; got {spec!r}.")
+        queues = spec["queues"]
+        if not isinstance(queues, (list, tuple)) or not queues or \
+                not all(isinstance(q, str) and q for q in queues):
+            raise LabCheckFailed(f"A worker's 'queues' is a list of queue names; got {queues!r}.")
+        if not isinstance(spec["concurrency"], int) or spec["concurrency"] < 1:
+            raise LabCheckFailed(f"'concurrency' is a whole number of at least 1; got "
+                                 f"{spec['concurrency']!r}.")
         if spec.get("pool", "prefork") not in POOLS:
             raise LabCheckFailed(f"pool must be one of {POOLS}; got {spec.get('pool')!r}.")
         cap = spec.get("max_memory_per_child")
@@ -43,25 +54,17 @@ def _lab03_producer(stack, routes):
     return app
 
 
-@checker
-def check_lab03(routing_plan, stack) -> None:
-    """Lab 3: routes and workers that keep lookups fast while slow and hungry work runs."""
+def run_lab03_workload(stack, routes, specs) -> dict:
+    """Start the workers, send the lab's workload through ``routes``, wait, stop the workers.
+
+    Returns the lookups' latencies and p95, the finished attempts by kind, and the workers.
+    """
     import time
 
     from celerylab.recording import percentile
 
-    plan = call_learner(routing_plan, what="routing_plan")
-    routes, specs = _lab03_layout(plan)
     app = _lab03_producer(stack, routes)
-    queue_of = {kind: app.amqp.router.route({}, name, (), {})["queue"].name
-                for kind, name in LAB03_TASKS.items()}
-    served = {q for spec in specs for q in spec["queues"]}
-    for kind, queue in queue_of.items():
-        if queue not in served:
-            raise LabCheckFailed(f"{LAB03_TASKS[kind]} is routed to the queue {queue!r}, which no "
-                                 "worker consumes: those tasks would wait forever.")
-    ok(f"routes: {queue_of}; every queue has a worker")
-
+    queue_of = _queues_of(app)
     for q in set(queue_of.values()):
         stack.redis.delete(q)
     workers = []
@@ -80,35 +83,81 @@ def check_lab03(routing_plan, stack) -> None:
         for i in range(30):  # steady traffic while the slow and hungry work runs
             lookups.append(app.send_task(LAB03_TASKS["lookup"], (i,)).id)
             time.sleep(0.03)
-        done = {a.id: a for a in stack.wait_for(slow + hungry + lookups, timeout=30)}
-        p95 = percentile([done[i].latency for i in lookups], 95)
-        lookup_hosts = {done[i].host for i in lookups}
-        hungry_runs = [done[i] for i in hungry]
-        if p95 > LAB03_TARGET_P95:
-            shared = [k for k in ("slow", "hungry") if queue_of[k] == queue_of["lookup"]]
-            busy = [w.hostname for w in workers if w.hostname in lookup_hosts
-                    and {queue_of["slow"], queue_of["hungry"]} & set(w.queues)]
-            where = (f"in the queue {queue_of['lookup']!r}, together with the "
-                     f"{' and '.join(shared)} tasks" if shared else
-                     f"on {', '.join(busy)}, which also serves other work" if busy else
-                     f"in the queue {queue_of['lookup']!r}")
-            raise LabCheckFailed(f"lookup p95 is {p95:.2f} s; the target is {LAB03_TARGET_P95} s. "
-                                 f"The lookups waited {where}. What else could they be stuck "
-                                 "behind, and how do you give them a line of their own?")
-        ok(f"lookup p95 {p95:.3f} s (target {LAB03_TARGET_P95} s)")
-        if {a.host for a in hungry_runs} & lookup_hosts:
-            raise LabCheckFailed("import_catalog ran on the same worker as the lookups: every "
-                                 "import parks 150 MiB next to latency-sensitive work. Give it a "
-                                 "worker of its own.")
-        pids = {a.pid for a in hungry_runs}
-        try:
-            stack.wait_until(lambda: not any(pid_alive(p) for p in pids), 10, "the hungry children")
-        except CourseError:
-            raise LabCheckFailed(
-                f"The children that ran import_catalog (pids {sorted(pids)}) are still alive, "
-                "each holding 150 MiB. Which worker setting replaces a child after a task that "
-                "left it too big?") from None
-        ok("memory-hungry work ran apart, and its children were replaced after it")
+        done = {a.id: a for a in stack.wait_for(slow + hungry + lookups, timeout=60)}
+        hungry_pids = {done[i].pid for i in hungry}
+        replaced = True
+        if any(spec.get("max_memory_per_child") for spec in specs):
+            try:
+                stack.wait_until(lambda: not any(pid_alive(p) for p in hungry_pids), 10,
+                                 "the hungry children")
+            except CourseError:
+                replaced = False
+        else:
+            replaced = not any(pid_alive(p) for p in hungry_pids)
     finally:
         stack.stop_workers()
+    latencies = [done[i].latency for i in lookups]
+    return {"p95": percentile(latencies, 95), "latencies": latencies, "queue of": queue_of,
+            "lookups": [done[i] for i in lookups], "hungry": [done[i] for i in hungry],
+            "hungry replaced": replaced, "workers": workers}
+
+
+def _queues_of(app) -> dict:
+    try:
+        return {kind: app.amqp.router.route({}, name, (), {})["queue"].name
+                for kind, name in LAB03_TASKS.items()}
+    except Exception as exc:
+        raise LabCheckFailed(f"Celery could not apply your routes: {type(exc).__name__}: {exc}. "
+                             "task_routes maps task names (or patterns) to {'queue': name}.") \
+            from None
+
+
+BASELINE_QUEUE = "lab03-baseline"
+
+
+@checker
+def check_lab03(routing_plan, stack) -> None:
+    """Lab 3: routes and workers that keep lookups fast while slow and hungry work runs."""
+    plan = call_learner(routing_plan, what="routing_plan")
+    routes, specs = _lab03_layout(plan)
+    queue_of = _queues_of(_lab03_producer(stack, routes))
+    served = {q for spec in specs for q in spec["queues"]}
+    for kind, queue in queue_of.items():
+        if queue not in served:
+            raise LabCheckFailed(f"{LAB03_TASKS[kind]} is routed to the queue {queue!r}, which no "
+                                 "worker consumes: those tasks would wait forever.")
+    ok(f"routes: {queue_of}; every queue has a worker")
+
+    # The baseline, measured now on this machine: everything in one queue, the whole budget.
+    baseline = run_lab03_workload(
+        stack, {name: {"queue": BASELINE_QUEUE} for name in LAB03_TASKS.values()},
+        [{"name": "baseline", "queues": [BASELINE_QUEUE], "concurrency": LAB03_MAX_CONCURRENCY}])
+    ok(f"baseline (one queue, one worker -c {LAB03_MAX_CONCURRENCY}): lookup p95 "
+       f"{baseline['p95']:.3f} s")
+    fig = run_lab03_workload(stack, routes, specs)
+    ratio = fig["p95"] / baseline["p95"]
+    line = (f"your layout: lookup p95 {fig['p95']:.3f} s = {ratio:.0%} of the baseline "
+            f"(target <= {LAB03_TARGET_RATIO:.0%})")
+    if ratio > LAB03_TARGET_RATIO:
+        lookup_hosts = {a.host for a in fig["lookups"]}
+        shared = [k for k in ("slow", "hungry") if queue_of[k] == queue_of["lookup"]]
+        busy = [w.hostname for w in fig["workers"] if w.hostname in lookup_hosts
+                and {queue_of["slow"], queue_of["hungry"]} & set(w.queues)]
+        where = (f"in the queue {queue_of['lookup']!r}, together with the "
+                 f"{' and '.join(shared)} tasks" if shared else
+                 f"on {', '.join(busy)}, which also serves other work" if busy else
+                 f"in the queue {queue_of['lookup']!r}")
+        raise LabCheckFailed(f"{line}. The lookups waited {where}. What else could they be stuck "
+                             "behind, and how do you give them a line of their own?")
+    ok(line)
+    if {a.host for a in fig["hungry"]} & {a.host for a in fig["lookups"]}:
+        raise LabCheckFailed("import_catalog ran on the same worker as the lookups: every "
+                             "import parks 150 MiB next to latency-sensitive work. Give it a "
+                             "worker of its own.")
+    if not fig["hungry replaced"]:
+        raise LabCheckFailed(
+            f"The children that ran import_catalog (pids {sorted({a.pid for a in fig['hungry']})}) "
+            "were still alive after it, each holding 150 MiB. Which worker setting replaces a "
+            "child after a task that left it too big?")
+    ok("memory-hungry work ran apart, and its children were replaced after it")
     print("Lab 3 passed: slow and hungry work can no longer hold the fast path hostage.")
