@@ -192,3 +192,15 @@ def percentile(values, q: float) -> float:
     k = (len(data) - 1) * q / 100
     lo, hi = int(k), min(int(k) + 1, len(data) - 1)
     return data[lo] + (data[hi] - data[lo]) * (k - lo)
+
+
+def processes_at_once(runs) -> int:
+    """The most distinct processes that were running one of ``runs`` at the same moment."""
+    edges = sorted([(a.started, 1, a.pid) for a in runs] + [(a.finished, -1, a.pid) for a in runs],
+                   key=lambda e: (e[0], e[1]))  # at equal times, a finish comes before a start
+    running: dict[int, int] = {}
+    best = 0
+    for _, step, pid in edges:
+        running[pid] = running.get(pid, 0) + step
+        best = max(best, sum(1 for n in running.values() if n > 0))
+    return best

@@ -94,7 +94,8 @@ print("LLEN celery =", r.llen("celery"))
 assert r.type("celery") == b"list" and r.llen("celery") == 1
 assert r.smembers("_kombu.binding.celery"), "kombu records how the exchange routes to the queue"
 assert not r.exists(f"celery-task-meta-{result.id}"), "no result yet: nobody ran it"
-assert result.state == "PENDING"
+# PENDING means "no result stored", not "queued": Celery says it for an id it never saw, too.
+assert result.state == "PENDING" and ch01_tasks.app.AsyncResult("no-such-task").state == "PENDING"
 
 # %% [markdown]
 # `_kombu.binding.celery` is kombu's routing table for the exchange (a set). The message itself

@@ -12,6 +12,7 @@ import json
 
 import celerylab
 from celerylab import plots, widgets
+from celerylab.processes import pid_alive
 
 stack = celerylab.start("ch03")
 r = stack.redis
@@ -155,11 +156,13 @@ assert [landed[res.id] for res in sent.values()] == [
 
 # %%
 reporter = stack.spawn_worker("ch03_tasks", name="reporter", queues=["reports"], concurrency=1)
-stack.wait_until(lambda: r.llen("reports") == 0, 10, "the reports queue to drain")
-left = {q: r.llen(q) for q in ("reports", "fast", "slow", "celery", "urgent")}
-print(left)
+reports = [res.id for label, res in sent.items() if landed[res.id] == "reports"]
+ran = stack.wait_for(reports, timeout=10)
+left = {q: r.llen(q) for q in ("fast", "slow", "celery", "urgent")}
+print("the reporter ran:", sorted({a.name for a in ran}), "| still waiting:", left)
 reporter.stop()
-assert left == {"reports": 0, "fast": 2, "slow": 1, "celery": 1, "urgent": 1}
+assert {a.host for a in ran} == {reporter.hostname}
+assert left == {"fast": 2, "slow": 1, "celery": 1, "urgent": 1}, "the other queues were left alone"
 r.delete("fast", "slow", "celery", "urgent");
 
 # %% [markdown]
@@ -201,13 +204,20 @@ plots.latency_distributions({"one shared queue": shared["latencies"],
 plots.timeline(shared["attempts"], title="Shared queue: the lookups wait behind the resizes");
 
 # %%
-assert shared["p50"] > 1.0, "in the shared queue, lookups wait for the slow tasks"
-assert isolated["p95"] < 0.5 and isolated["p95"] * 10 < shared["p50"]
+# Relative claims, measured side by side: a busy machine slows both runs alike.
+assert shared["p50"] > 1.0, "in the shared queue, lookups wait at least one 1 s resize"
+assert isolated["p95"] * 10 < shared["p50"], "on their own queue, ten times faster at least"
+# They did not get slower to *run*: nearly all of their latency was waiting (sent to started).
+waited = sum(a.wait for a in shared["attempts"] if a.name.endswith(".lookup"))
+assert waited > 0.9 * sum(shared["latencies"]), "in the shared queue, latency is waiting"
+prefetch = stack.control.control.inspect([workers["shared"].hostname], timeout=2).stats()
+assert prefetch[workers["shared"].hostname]["prefetch_count"] == 4 * 2, "multiplier x concurrency"
 
 # %% [markdown]
-# The lookups did not get slower to *run*; they waited in line. With `-c 2` and the default
-# prefetch (4 × 2 = 8 messages reserved), the worker had taken the resizes first, and a lookup
-# could only start when a child became free.
+# The lookups did not get slower to *run*; they waited in line: over 90% of their latency was
+# time between being sent and being started. With `-c 2` and the default prefetch (a prefetch
+# count of 4 × 2 = 8 messages, as `inspect().stats()` reported), the worker had taken the resizes
+# first, and a lookup could only start when a child became free.
 #
 # ## Isolating the three kinds, with the routes
 #
@@ -232,10 +242,11 @@ gone = stack.wait_until(
 print("bulky children now:", workers["bulky"].children())
 
 # %%
-assert p95 < 0.5 and {a.host for a in lookups} == {workers["fast"].hostname}
+assert p95 * 10 < shared["p50"] and {a.host for a in lookups} == {workers["fast"].hostname}
 assert {by_id[x.id].queue for x in slow} == {"slow"}
 assert len(set(import_pids)) == 2, "each import got a fresh child"
-assert gone and not set(import_pids) & set(workers["bulky"].children())
+assert not any(pid_alive(p) for p in import_pids), "the children that held an import are gone"
+assert len(workers["bulky"].children()) == 1, "and the pool has a fresh one"
 
 # %% [markdown]
 # ## Try it: move the tasks between queues

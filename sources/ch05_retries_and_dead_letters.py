@@ -143,9 +143,11 @@ jittered = [ch05_tasks.sync_jitter.delay(f"jitter-{i}") for i in range(8)]
 
 # %%
 def held_retry(task_id):
+    """The headers of a message for ``task_id`` held in `unacked` (early ack: the original was
+    acknowledged when it started, so a held one can only be its retry)."""
     for raw in r.hvals("unacked"):
         headers = json.loads(raw)[0]["headers"]
-        if headers["id"] == task_id and headers["retries"] >= 1:
+        if headers["id"] == task_id:
             return headers
     return None
 
@@ -153,7 +155,12 @@ def held_retry(task_id):
 retry_headers = stack.wait_until(lambda: held_retry(calls["sync_backoff"].id), 10,
                                  "the first retry message")
 print({k: retry_headers[k] for k in ("task", "id", "retries", "eta")})
-assert retry_headers["retries"] == 1 and retry_headers["eta"]
+from datetime import datetime
+
+eta = datetime.fromisoformat(retry_headers["eta"]).timestamp()
+due_in = eta - retry_headers["celerylab_sent_at"]  # the course's publish-time stamp
+print(f"published with an ETA {due_in:.2f} s after it was published")
+assert retry_headers["retries"] == 1 and 0.9 < due_in < 1.1, "the first backoff step: 1 s"
 
 # %%
 ids = [c.id for c in calls.values()] + [j.id for j in jittered]
@@ -174,10 +181,16 @@ plots.table([{"policy": name, "measured gaps (s)": measured[name], "formula (s)"
               "outcome": stack.outcome(calls[name].id)} for name in calls])
 
 # %%
+# The slack above each delay is what this machine needs right now to deliver a due message: the
+# first attempts' wait from sent to started, measured in the same run (plus 0.3 s).
+first_waits = [min((a for a in stack.records([c.id]) if a.started), key=lambda a: a.started).wait
+               for c in calls.values()]
+slack = 0.3 + 2 * max(first_waits)
+print(f"slack: {slack:.2f} s")
 for name, expected in formula.items():
     assert len(measured[name]) == len(expected), (name, measured[name])
     for got, want in zip(measured[name], expected, strict=True):
-        assert want - 0.25 <= got <= want + 0.6, (name, measured[name])
+        assert want - 0.05 <= got <= want + slack, (name, measured[name])
 assert [stack.outcome(c.id) for c in calls.values()] == ["SUCCESS", "SUCCESS", "SUCCESS", "FAILURE"]
 assert isinstance(calls["sync_manual (never recovers)"].result, ch05_tasks.DependencyDown), \
     "when retries run out, the original exception is raised"
@@ -194,7 +207,7 @@ assert isinstance(calls["sync_manual (never recovers)"].result, ch05_tasks.Depen
 jitter_gaps = [gaps(j.id) for j in jittered]
 print(jitter_gaps)
 assert all(stack.outcome(j.id) == "SUCCESS" for j in jittered)
-assert all(len(g) == 2 and g[0] <= 1 + 0.6 and g[1] <= 2 + 0.6 for g in jitter_gaps)
+assert all(len(g) == 2 and g[0] <= 1 + slack and g[1] <= 2 + slack for g in jitter_gaps)
 assert len({tuple(round(x) for x in g) for g in jitter_gaps}) > 1, "not all in lockstep"
 
 # %% [markdown]
@@ -246,7 +259,8 @@ plots.table([{k: v for k, v in letter.items() if k not in ("kwargs", "failed_at"
 assert [x.state for x in results] == ["SUCCESS", "FAILURE", "FAILURE"]
 assert {letter["args"][0]["id"]: letter["attempts"] for letter in letters} == {
     "order-2": 1, "order-3": 3}, "the permanent error was not retried; the outage was, twice"
-assert all(letter["error"] for letter in letters)
+assert [letter["error"].split(":")[0] for letter in letters] == ["ValueError", "DependencyDown"], \
+    "each letter names the exception that killed it"
 
 # %% [markdown]
 # **Fix the cause, then replay.** The parser learns the new currency and the provider comes back;
@@ -259,8 +273,10 @@ replayed = []
 while (raw := r.rpop("dead-letters")) is not None:  # oldest first
     letter = json.loads(raw)
     replayed.append(ch05_tasks.app.send_task(letter["task"], letter["args"], letter["kwargs"]))
-print([x.get(timeout=10) for x in replayed])
-assert [x.state for x in replayed] == ["SUCCESS", "SUCCESS"] and r.llen("dead-letters") == 0
+outputs = [x.get(timeout=10) for x in replayed]
+print(outputs)
+assert [x.state for x in replayed] == ["SUCCESS", "SUCCESS"]
+assert outputs == ["synced order-2", "synced order-3"], "the original payloads, oldest first"
 worker.stop()
 
 # %% [markdown]

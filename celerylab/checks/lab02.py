@@ -49,7 +49,7 @@ def run_lab02_workload(stack, layout) -> dict:
     """
     import time
 
-    from celerylab.recording import percentile
+    from celerylab.recording import percentile, processes_at_once
 
     layout = _validate_layout(layout)
     for queue in ("cpu", "io"):
@@ -106,17 +106,6 @@ def run_lab02_workload(stack, layout) -> dict:
             "io finished": sum(a.id in set(io) for a in done),
             "cpu processes at once": processes_at_once(cpu_runs)}
 
-
-def processes_at_once(runs) -> int:
-    """The most distinct processes that were running one of ``runs`` at the same moment."""
-    edges = sorted([(a.started, 1, a.pid) for a in runs] + [(a.finished, -1, a.pid) for a in runs],
-                   key=lambda e: (e[0], e[1]))  # at equal times, a finish comes before a start
-    running: dict[int, int] = {}
-    best = 0
-    for _, step, pid in edges:
-        running[pid] = running.get(pid, 0) + step
-        best = max(best, sum(1 for n in running.values() if n > 0))
-    return best
 
 
 def cpu_reference() -> dict:
