@@ -3,11 +3,15 @@
     ./course bench                 broker and worker readiness, stop time, memory
     ./course bench --notebooks     also each notebook's wall time (run one after another)
     ./course bench --suite         also the whole test suite's wall time
+    ./course bench --soak N [--hog K]
+                                   the whole suite N times in a row, with K busy-loop processes
+                                   beside it: pass/fail per run and the failing tests
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import statistics
 import subprocess
 import sys
@@ -90,8 +94,40 @@ def notebook_times() -> dict:
     return times
 
 
+def soak(runs: int, hogs: int = 0, pytest_args=()) -> int:
+    """Run the whole suite ``runs`` times in a row, ``hogs`` busy loops beside it; 0 if all green."""
+    import re
+    results = []
+    print(f"# soak: {runs} run(s) of the whole suite, {hogs} busy-loop process(es) beside it "
+          f"({os.cpu_count()} cores)", flush=True)
+    for n in range(1, runs + 1):
+        busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(hogs)]
+        t0 = time.monotonic()
+        try:
+            proc = subprocess.run([sys.executable, "-m", "celerylab", "test", "-q", "-p",
+                                   "no:cacheprovider", *pytest_args], cwd=ROOT,
+                                  capture_output=True, text=True)
+        finally:
+            for b in busy:
+                b.kill()
+                b.wait()
+        took = time.monotonic() - t0
+        out = proc.stdout + proc.stderr
+        summary = next((line.strip("= ") for line in reversed(out.splitlines())
+                        if re.search(r"\d+ (passed|failed)", line)), "no summary")
+        failed = sorted(set(re.findall(r"^(?:FAILED|ERROR) (\S+)", out, re.M)))
+        results.append(proc.returncode == 0)
+        print(f"run {n}: {'PASS' if proc.returncode == 0 else 'FAIL'}  {took:6.0f} s  {summary}",
+              flush=True)
+        for test in failed:
+            print(f"    failed: {test}", flush=True)
+        if proc.returncode and not failed:
+            print("    " + "\n    ".join(out.strip().splitlines()[-15:]), flush=True)
+    print(f"# soak: {sum(results)}/{runs} green with {hogs} busy loop(s)")
+    return 0 if all(results) else 1
+
+
 def main(notebooks: bool = False, suite: bool = False) -> int:
-    import os
     print(f"# celerylab figures  ({os.cpu_count()} cores, Python {sys.version.split()[0]})")
     figures = stack_figures()
     if notebooks:

@@ -6,7 +6,8 @@
     reset    stop anything the course left running and delete its runtime files;
              --labs also restores labs/ to fresh copies (yours are backed up first)
     build    regenerate notebooks/, labs/ and solutions/ from sources/ (--check: only report drift)
-    bench    print the figures of docs/benchmarks.md
+    bench    print the figures of docs/benchmarks.md; --soak N [--hog K]: the suite N times in a
+             row (K busy loops beside it), pass/fail per run
 """
 
 from __future__ import annotations
@@ -199,6 +200,9 @@ def cmd_doctor(args) -> int:
 
 def cmd_bench(args) -> int:
     from celerylab.bench import main as bench
+    from celerylab.bench import soak
+    if args.soak:
+        return soak(args.soak, args.hog)
     return bench(args.notebooks, args.suite)
 
 
@@ -220,6 +224,10 @@ def main(argv=None) -> int:
     p = sub.add_parser("bench")
     p.add_argument("--notebooks", action="store_true", help="also time every notebook")
     p.add_argument("--suite", action="store_true", help="also time the whole test suite")
+    p.add_argument("--soak", type=int, metavar="N", default=0,
+                   help="run the whole suite N times in a row; print pass/fail per run")
+    p.add_argument("--hog", type=int, metavar="K", default=0,
+                   help="with --soak: K busy-loop processes beside the suite")
     p.set_defaults(fn=cmd_bench)
     args, rest = parser.parse_known_args(argv)
     if rest and args.fn is not cmd_test:
