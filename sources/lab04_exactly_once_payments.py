@@ -2,17 +2,37 @@
 # # Lab 4 — Exactly-once payments
 #
 # `apply_payment` credits a payment to an account, between two slow calls to the bank. Today it
-# can lose a payment when a worker crashes, and credit one twice when a message is delivered
+# can lose a payment when a process crashes, and credit one twice when a message is delivered
 # twice. Make it **crash-safe** (a crash never loses a payment) and **idempotent** (a payment is
-# credited once, however many times its message arrives).
+# credited once, however many times its message arrives, and whenever it arrives).
 #
-# The checker starts a worker on your module, sends payments, **SIGKILLs the worker** while one
-# payment is already credited and another is still being authorised, restarts it, sends one
-# payment twice (a client retrying), and counts every cent in the `balances` hash.
+# The checker starts a worker on your module (4 pool processes) and then does, on purpose, what
+# production does to payments sooner or later:
 #
-# Hints from Chapter 4: which acknowledgement mode survives a crash? What does it cost? How does
-# a task recognise a payment it already applied, and why must that check and the credit happen
-# in one step?
+# 1. it **SIGKILLs the whole worker** while one payment is already credited and another is still
+#    being authorised, fast-forwards the broker's clock for that worker's unacknowledged messages
+#    (as if the visibility timeout, an hour, had passed), and restarts it;
+# 2. it **SIGKILLs the pool process running a payment**, mid-authorisation, and leaves the worker
+#    running. This is what the kernel's OOM killer does to a process that grows too big, and it
+#    is the common crash: the worker main process survives, notices that its child died, and
+#    decides what becomes of the message. Chapter 4's "Five crashes" table showed that the
+#    acknowledgement mode alone does not decide it;
+# 3. it **may SIGKILL the process between any two writes your payment makes to Redis**, like the
+#    OOM killer could: right after your first write, before your second. It does it through
+#    `db`, the Redis client the module gets from the course (it is a `redis.Redis` in every other
+#    respect), so write through `db`. One command (a Lua script, or a MULTI/EXEC transaction) is
+#    never split;
+# 4. it delivers **one payment twice at the same moment** to two processes, and runs the two
+#    copies **in lockstep**: each Redis command one copy sends through `db` waits until the other
+#    copy has reached the same command, so any gap between a check and a write shows;
+# 5. it **sends a payment again** after it was applied (a client retrying its request);
+#
+# and counts every cent in the `balances` hash.
+#
+# Hints from Chapter 4: which acknowledgement mode survives a crash, and what does Celery do with
+# the message of a task whose process died? How does a task recognise a payment it already
+# applied, for how long must it remember, and why must that check and the credit happen in one
+# step?
 
 # %%
 import celerylab
@@ -32,8 +52,9 @@ stack = celerylab.start("lab04")
 import os
 import time
 
-import redis
 from celery import Celery
+
+from celerylab import chaos
 
 BROKER = os.environ["CELERYLAB_BROKER_URL"]
 
@@ -44,13 +65,14 @@ app.conf.update(
     accept_content=["json"],
     worker_prefetch_multiplier=1,
     broker_connection_retry_on_startup=True,
-    broker_transport_options={
-        "visibility_timeout": 3,  # short, so the checker does not wait an hour
-        "unacked_restore_interval": 1,
-        "unacked_restore_throttle": 1,
-    },
+    # The visibility timeout keeps its default, an hour. After it kills a whole worker, the
+    # checker fast-forwards that hour for the dead worker's messages; the broker looks for such
+    # messages every second (instead of every ~100 s).
+    broker_transport_options={"unacked_restore_interval": 1, "unacked_restore_throttle": 1},
 )
-db = redis.Redis.from_url(BROKER)
+# A redis.Redis client; the checker may SIGKILL this process right after any write you make
+# through it, or hold a command until a duplicate delivery reaches the same point.
+db = chaos.connect(BROKER, unwatched_keys=["bank:calls"])
 
 
 def bank(step, payment_id, seconds):
@@ -62,6 +84,9 @@ def bank(step, payment_id, seconds):
 # 1. Settings and helpers your task needs.
 ### BEGIN SOLUTION
 app.conf.task_acks_late = True  # acknowledge when the task returns: a crash brings it back
+# A pool child killed mid-task (OOM killer): put its message back instead of storing FAILURE.
+# (A task that kills its process every time would loop: fine here, a payment does not.)
+app.conf.task_reject_on_worker_lost = True
 
 # The idempotency key and the credit in one atomic step: a crash cannot separate them.
 CREDIT_ONCE = db.register_script("""
