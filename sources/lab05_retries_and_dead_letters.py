@@ -1,22 +1,31 @@
 # %% [markdown]
 # # Lab 5 — Retries and dead letters for a flaky dependency
 #
-# `sync_order` calls a dependency that fails in two ways:
+# `sync_order(order_id, store, express=False)` calls a dependency that fails in two ways:
 #
 # * `DependencyDown`: it is unavailable for a while (worth retrying, later);
 # * `InvalidOrder`: the order itself is malformed (retrying cannot help).
 #
 # **Your task:**
-# 1. a retry **policy** for `sync_order`: retry only what can recover, with exponential backoff,
-#    jitter, a cap on the delay (at most 4 s here) and a bounded number of retries (2 to 5);
+# 1. a retry **policy** for `sync_order` (options for `@app.task`): retry only what can recover,
+#    with exponential backoff, jitter, a cap on the delay and a bounded number of retries. This
+#    lab's numbers: the delay is capped at **4 s or less**, the cap is **above the first step**
+#    (so at least one doubling shows), and a task gives up after **2 to 5 retries**;
 # 2. **dead-letter handling**: when `sync_order` fails for good, push a JSON dict with `task`,
-#    `id`, `args`, `kwargs`, `error` and `attempts` onto the Redis list `lab05:dead`;
-# 3. `replay_dead_letters`: after the cause is fixed, re-send every dead letter with its original
-#    payload, and leave the list empty.
+#    `id`, `args`, `kwargs`, `error` and `attempts` onto the Redis list `lab05:dead` (nothing for
+#    a failure that is still going to be retried);
+# 3. `replay_dead_letters(r, send_task)`: after the cause is fixed, re-send every dead letter with
+#    its original task name, args and kwargs, **oldest first** (in the order they died), each
+#    once, leave the list empty, and return a list with the result of each message it sent.
 #
-# The checker injects faults per order: some recover after two failures, one never recovers, one is
-# malformed. It measures the delays between attempts against your policy, reads the dead-letter
-# list, fixes the dependency, and calls your replay. Chapter 5 has the pieces.
+# **What the check does.** It injects faults per order: a dozen or more orders fail as often as
+# your policy retries and then recover, one never recovers, two are malformed. It measures, from
+# the recording, how long each retry waited (publish to start) and compares that with the bounds
+# your declared policy implies (Celery's delay is `min(cap, factor * 2**n)` whole seconds, and
+# jitter draws a whole number in `[0, delay]`): the waits must grow from retry to retry, and
+# orders that failed together must not all wait the same time. Then it reads the dead-letter
+# list, fixes the dependency, calls your replay, checks the messages it published, and watches
+# what runs after it. Chapter 5 has the pieces.
 
 # %%
 import json
@@ -77,7 +86,7 @@ DEAD_LETTERS = "lab05:dead"  # a Redis list of JSON dicts: task, id, args, kwarg
 POLICY = {
     "autoretry_for": (DependencyDown,),  # only what a later attempt can fix
     "retry_backoff": True,  # 1, 2, 4 ... s
-    "retry_backoff_max": 2,  # capped at 2 s
+    "retry_backoff_max": 2,  # capped at 2 s (above the 1 s first step: one doubling)
     "retry_jitter": True,  # callers that failed together do not retry together
     "max_retries": 3,  # four attempts in all, then a dead letter
 }
@@ -96,7 +105,8 @@ BASE = DeadLetterOnFailure
 
 
 @app.task(base=BASE, **POLICY)
-def sync_order(order_id):
+def sync_order(order_id, store, express=False):
+    """Sync one order of one store with the dependency."""
     return call_dependency(order_id)
 
 
@@ -105,11 +115,14 @@ def sync_order(order_id):
 
 # %%
 def replay_dead_letters(r, send_task):
-    """Re-send every dead letter (oldest first) with its original payload; return the results."""
+    """Re-send every dead letter, oldest first, with its original task name, args and kwargs;
+    leave `lab05:dead` empty; return the list of results (what `send_task` returns)."""
     ### BEGIN SOLUTION
     results = []
-    while (raw := r.rpop("lab05:dead")) is not None:  # LPUSHed, so the oldest is on the right
-        letter = json.loads(raw)
+    # only the letters there now: a replayed task that fails again is a new letter, for the
+    # next replay (popping until the list is empty could chase it forever)
+    for _ in range(r.llen("lab05:dead")):
+        letter = json.loads(r.rpop("lab05:dead"))  # LPUSHed, so the oldest is on the right
         results.append(send_task(letter["task"], letter["args"], letter["kwargs"]))
     return results
     ### END SOLUTION
