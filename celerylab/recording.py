@@ -194,13 +194,15 @@ def percentile(values, q: float) -> float:
     return data[lo] + (data[hi] - data[lo]) * (k - lo)
 
 
-def processes_at_once(runs) -> int:
-    """The most distinct processes that were running one of ``runs`` at the same moment."""
-    edges = sorted([(a.started, 1, a.pid) for a in runs] + [(a.finished, -1, a.pid) for a in runs],
+def processes_at_once(runs, per: str = "process") -> int:
+    """The most distinct processes (``per="task"``: tasks) running one of ``runs`` at one moment."""
+    edges = sorted([(a.started, 1, a.pid, a.id) for a in runs] +
+                   [(a.finished, -1, a.pid, a.id) for a in runs],
                    key=lambda e: (e[0], e[1]))  # at equal times, a finish comes before a start
-    running: dict[int, int] = {}
+    running: dict = {}
     best = 0
-    for _, step, pid in edges:
-        running[pid] = running.get(pid, 0) + step
+    for _, step, pid, task in edges:
+        key = pid if per == "process" else (pid, task)
+        running[key] = running.get(key, 0) + step
         best = max(best, sum(1 for n in running.values() if n > 0))
     return best

@@ -3,20 +3,22 @@
 #
 # A service has two kinds of background work, already on their own queues:
 #
-# * `cpu`: 16 tasks of pure-Python number crunching (together about a second of CPU);
+# * `cpu`: 8 tasks of pure-Python number crunching (together one or two seconds of CPU);
 # * `io`: 60 tasks that each wait 0.5 s on a slow API.
 #
 # **Your task:** choose one or two workers (pool and concurrency, and which queues each consumes)
 # so that **each kind of work runs as well as this machine allows**:
 #
-# * the CPU-bound tasks finish closer to the time **two** plain processes need to burn the same
+# * the CPU-bound tasks run in separate processes, at least two at the same moment, one task per
+#   process at a time, and finish closer to the time **two** plain processes need to burn the same
 #   work than the time **one** needs (the checker measures both right before and, if needed, right
 #   after your layout runs: a fair comparison even on a busy laptop);
 # * all 60 I/O-bound tasks finish within **5 times the time one of them takes**.
 #
-# Pools: `prefork`, `threads`, `solo`; concurrency 1-32. The checker runs both kinds at once, on
-# your workers, with a prefetch multiplier of 1. If the machine is too busy to show two cores at
-# work (the plain processes themselves get no parallelism), the check says so instead of judging.
+# Pools: `prefork`, `threads`, `solo`; concurrency 1-32. The checker sends both kinds at once to
+# your workers (prefetch multiplier 1). If the machine is too busy to show two cores at work right
+# now (the two plain processes themselves get less than 1.6x the work of one done), the check says
+# so, and judges the CPU-bound work on the processes alone.
 #
 # Chapter 2 measured what each pool does with each kind of work. Measure your candidates with the
 # cell below before you run the check.

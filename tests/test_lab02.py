@@ -50,8 +50,15 @@ def test_lab02_checker_accepts_unusual_right_layouts(stack, layout):
     ([{"pool": "prefork", "concurrency": 2, "queues": ["cpu", "io"]}], "I/O-bound tasks"),
     ([{"pool": "solo", "concurrency": 1, "queues": ["cpu"]}, IO_THREADS], "never ran in two processes"),
     ([{"pool": "threads", "concurrency": 4, "queues": ["cpu"]}, IO_THREADS], "never ran in two processes"),
+    ([{"pool": "threads", "concurrency": 32, "queues": ["cpu", "io"]},
+      {"pool": "solo", "concurrency": 1, "queues": ["cpu"]}], "at once inside one process"),
+    ([{"pool": "prefork", "concurrency": 16, "queues": ["cpu", "io"]}], "I/O-bound tasks"),
+    ([{"pool": "prefork", "concurrency": True, "queues": ["cpu", "io"]}], "whole number"),
+    ([{"pool": "prefork", "concurrency": 2, "queues": "cpu"}, IO_THREADS], "list of queue names"),
 ], ids=["stub", "raises", "not a list", "concurrency as text", "gevent", "io not served",
-        "solo for both", "prefork -c 2 for both", "solo for cpu", "threads for cpu"])
+        "solo for both", "prefork -c 2 for both", "solo for cpu", "threads for cpu",
+        "threads for both plus solo", "prefork -c 16 for both", "concurrency True",
+        "queues as text"])
 def test_lab02_checker_rejects_wrong_layouts(stack, layout, hint):
     expect_verdict(check_lab02, layout_fn(layout), stack, hint=hint)
 
