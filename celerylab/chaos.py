@@ -6,7 +6,8 @@ argument of the Celery task that is running (a payment id, say):
 
     crash      SIGKILL the process right AFTER the first write command (or pipeline/transaction
                batch that writes) the job sends, once: what the OOM killer can do between two
-               writes. A Lua script or a MULTI/EXEC batch is one command, so it is never split.
+               writes. A Lua script is one command and a MULTI/EXEC transaction runs all or none
+               of its commands, so neither is split (a plain pipeline is one batch here too).
     lockstep   every command the job sends waits until the other delivery of the same job has
                reached the same command: two duplicates that run side by side interleave
                command by command, so a check-then-write race shows every time, not by luck.

@@ -218,7 +218,7 @@ else:
 
 # %% [markdown]
 # CPU-bound work scales with *processes* (each runs on a core of its own when one is free; a
-# process never uses more than one). I/O-bound work scales with *concurrency* of any kind, and threads are the
+# process running pure-Python code uses at most one, since its threads share one GIL). I/O-bound work scales with *concurrency* of any kind, and threads are the
 # cheap way to wait on many things at once. Measure your own tasks before picking.
 #
 # ## Child recycling

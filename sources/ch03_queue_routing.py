@@ -261,11 +261,12 @@ widgets.routing_explorer(stack, ch03_tasks.lookup, ch03_tasks.resize_image,
 # %% [markdown]
 # ## Priorities on Redis
 #
-# Redis has no priority queues, so kombu emulates them: a message with a priority goes to a
-# *sub-list* per step (`priority_steps`, default `[0, 3, 6, 9]`), named `<queue>\x06\x16<step>`,
-# and workers pop the lists in step order. **0 is the highest priority** (some kombu docstrings say
-# the opposite), a priority is rounded down to a step, and a message *without* a priority lands in
-# the step-0 list: it outranks every prioritised message.
+# Redis has no priority queues, so kombu emulates them with one list per priority step
+# (`priority_steps`, default `[0, 3, 6, 9]`): step 0 is the queue's own list `<queue>`, the others
+# are *sub-lists* named `<queue>\x06\x16<step>`, and workers pop the lists in step order. **0 is
+# the highest priority** (some kombu docstrings say the opposite), a priority is rounded down to its
+# step, and a message *without* a priority counts as 0: it shares the step-0 list, first in first
+# out, with priorities 0-2, and outranks only 3-9.
 
 # %%
 for priority in (None, 0, 3, 5, 9):

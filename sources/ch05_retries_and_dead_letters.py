@@ -143,11 +143,11 @@ jittered = [ch05_tasks.sync_jitter.delay(f"jitter-{i}") for i in range(8)]
 
 # %%
 def held_retry(task_id):
-    """The headers of a message for ``task_id`` held in `unacked` (early ack: the original was
-    acknowledged when it started, so a held one can only be its retry)."""
+    """The headers of a retry of ``task_id`` held in `unacked` (until a child accepts the
+    original, it is held there too, with `retries` 0)."""
     for raw in r.hvals("unacked"):
         headers = json.loads(raw)[0]["headers"]
-        if headers["id"] == task_id:
+        if headers["id"] == task_id and headers["retries"] >= 1:
             return headers
     return None
 
@@ -160,7 +160,8 @@ from datetime import datetime
 eta = datetime.fromisoformat(retry_headers["eta"]).timestamp()
 due_in = eta - retry_headers["celerylab_sent_at"]  # the course's publish-time stamp
 print(f"published with an ETA {due_in:.2f} s after it was published")
-assert retry_headers["retries"] == 1 and 0.9 < due_in < 1.1, "the first backoff step: 1 s"
+assert retry_headers["retries"] == 1, "the first retry is the one held first"
+assert 0.9 < due_in < 1.1, "due one backoff step (1 s) after it was published"
 
 # %%
 ids = [c.id for c in calls.values()] + [j.id for j in jittered]
@@ -181,8 +182,10 @@ plots.table([{"policy": name, "measured gaps (s)": measured[name], "formula (s)"
               "outcome": stack.outcome(calls[name].id)} for name in calls])
 
 # %%
-# The slack above each delay is what this machine needs right now to deliver a due message: the
-# first attempts' wait from sent to started, measured in the same run (plus 0.3 s).
+# The slack above each delay is what this machine needs right now to deliver a due message: twice
+# the longest of the first attempts' waits from sent to started, measured in the same run, plus
+# 0.3 s. (Below: 0.1 s, as the countdown starts when the retry is built, just before the failed
+# attempt is recorded as finished.)
 first_waits = [min((a for a in stack.records([c.id]) if a.started), key=lambda a: a.started).wait
                for c in calls.values()]
 slack = 0.3 + 2 * max(first_waits)
@@ -190,7 +193,7 @@ print(f"slack: {slack:.2f} s")
 for name, expected in formula.items():
     assert len(measured[name]) == len(expected), (name, measured[name])
     for got, want in zip(measured[name], expected, strict=True):
-        assert want - 0.05 <= got <= want + slack, (name, measured[name])
+        assert want - 0.1 <= got <= want + slack, (name, measured[name])
 assert [stack.outcome(c.id) for c in calls.values()] == ["SUCCESS", "SUCCESS", "SUCCESS", "FAILURE"]
 assert isinstance(calls["sync_manual (never recovers)"].result, ch05_tasks.DependencyDown), \
     "when retries run out, the original exception is raised"

@@ -10,8 +10,8 @@
 # production does to payments sooner or later:
 #
 # 1. it **SIGKILLs the whole worker** while one payment is already credited and another is still
-#    being authorised, fast-forwards the broker's clock for that worker's unacknowledged messages
-#    (as if the visibility timeout, an hour, had passed), and restarts it;
+#    being authorised, rewrites the fetch times kombu stored for that worker's unacknowledged
+#    messages (as if the visibility timeout, an hour, had passed), and restarts it;
 # 2. it **SIGKILLs the pool process running a payment**, mid-authorisation, and leaves the worker
 #    running. This is what the kernel's OOM killer does to a process that grows too big, and it
 #    is the common crash: the worker main process survives, notices that its child died, and
@@ -20,8 +20,9 @@
 # 3. it **may SIGKILL the process between any two writes your payment makes to Redis**, like the
 #    OOM killer could: right after your first write, before your second. It does it through
 #    `db`, the Redis client the module gets from the course (it is a `redis.Redis` in every other
-#    respect), so write through `db`. One command (a Lua script, or a MULTI/EXEC transaction) is
-#    never split;
+#    respect), so write through `db`. A Lua script is one command, and a MULTI/EXEC transaction
+#    runs all its queued commands or none, so neither is split (a plain pipeline is treated as one
+#    batch too);
 # 4. it delivers **one payment twice at the same moment** to two processes, and runs the two
 #    copies **in lockstep**: each Redis command one copy sends through `db` waits until the other
 #    copy has reached the same command, so any gap between a check and a write shows;
@@ -66,8 +67,9 @@ app.conf.update(
     worker_prefetch_multiplier=1,
     broker_connection_retry_on_startup=True,
     # The visibility timeout keeps its default, an hour. After it kills a whole worker, the
-    # checker fast-forwards that hour for the dead worker's messages; the broker looks for such
-    # messages every second (instead of every ~100 s).
+    # checker fast-forwards that hour for the dead worker's messages; kombu, inside the restarted
+    # worker, puts them back in the sweep it runs at start, and with these options sweeps again
+    # every second (instead of about every 100 s).
     broker_transport_options={"unacked_restore_interval": 1, "unacked_restore_throttle": 1},
 )
 # A redis.Redis client; the checker may SIGKILL this process right after any write you make
@@ -83,7 +85,9 @@ def bank(step, payment_id, seconds):
 
 # 1. Settings and helpers your task needs.
 ### BEGIN SOLUTION
-app.conf.task_acks_late = True  # acknowledge when the task returns: a crash brings it back
+# Acknowledge when the task returns: if the whole worker dies first, the message stays in
+# `unacked` and comes back after the visibility timeout.
+app.conf.task_acks_late = True
 # A pool child killed mid-task (OOM killer): put its message back instead of storing FAILURE.
 # (A task that kills its process every time would loop: fine here, a payment does not.)
 app.conf.task_reject_on_worker_lost = True

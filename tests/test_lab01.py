@@ -184,6 +184,22 @@ def _wrong_id(r, queue):
             for m, raw in zip(_solution()(r, queue), _raws(r, queue), strict=True)]
 
 
+def _root_id_as_id(r, queue):
+    """Reads the id from root_id: the same as id for a message a client sent, not for a child's."""
+    out = []
+    for key in _keys(queue):
+        for raw in reversed(r.lrange(key, 0, -1)):
+            m = _decode(raw)
+            m["id"] = json.loads(raw)["headers"]["root_id"]
+            out.append(m)
+    return out
+
+
+def _first_hundred(r, queue):
+    """A capped read: the first 100 items of each list (LRANGE 0 99)."""
+    return [_decode(raw) for key in _keys(queue) for raw in reversed(r.lrange(key, 0, 99))]
+
+
 def _raws(r, queue):
     return [raw for key in _keys(queue) for raw in reversed(r.lrange(key, 0, -1))]
 
@@ -245,15 +261,17 @@ def _retries_as_text(r, queue):
 @pytest.mark.parametrize("wrong, hint", [
     (_stub, "not written yet"),
     (_consumes, "it consumed them"),
-    (_pop_and_push_back, r"commands that can change Redis \(RPOP x13, LPUSH x9\)"),
-    (_rotates_in_a_script, "Redis counted 9 changes to its data"),
+    (_pop_and_push_back, r"commands that can change Redis \(RPOP x134, LPUSH x130\)"),
+    (_rotates_in_a_script, "Redis counted 130 changes to its data"),
     (_rewrites, "no longer byte for byte"),
-    (_pops_on_a_client_of_its_own, "Redis counted 18 changes to its data"),
+    (_pops_on_a_client_of_its_own, "Redis counted 260 changes to its data"),
     (_argsrepr, "how the producer chose to display the arguments"),
     (_missing_key_in_second, r"Item 2 of the list you returned lacks the key\(s\) \['eta'\]"),
-    (_ignores_priorities, "you returned 4. The missing ones were all sent with a priority of 3"),
+    (_ignores_priorities, "you returned 125. The missing ones were all sent with a priority of 3"),
     (_every_key_that_starts_like_it, "waits in another queue, 'lab01-check-eu'"),
     (_wrong_id, "not the ids of the queued messages"),
+    (_root_id_as_id, "not the ids of the queued messages"),
+    (_first_hundred, "The queue holds 130 messages; you returned 105. Missing: .* and 20 more"),
     (_priorities_reversed, "at position 1 you list the 6th message sent"),
     (_sorted_by_exact_priority, r"at position 3 you list the 9th message sent \(shop.charge"),
     (_newest_first, "wrong order"),
@@ -278,5 +296,5 @@ def test_lab01_checker_still_sees_writes_when_redis_will_not_describe_its_comman
         raise redis.ResponseError("NOPERM this user has no permissions to run 'command'")
 
     monkeypatch.setattr(stack.redis, "command", refused)
-    with pytest.raises(LabCheckFailed, match=r"\(RPOP x13, LPUSH x9\)"):
+    with pytest.raises(LabCheckFailed, match=r"\(RPOP x134, LPUSH x130\)"):
         check_lab01(_pop_and_push_back, stack)

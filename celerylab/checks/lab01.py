@@ -33,11 +33,15 @@ LAB01_COPY = "lab01-check-order"
 LAB01_NEIGHBOUR = "lab01-check-eu"  # another queue whose name starts with this one's
 LAB01_KEYS = ("task", "id", "args", "kwargs", "retries", "eta")
 SCRIPT_COMMANDS = {"eval", "evalsha", "fcall"}
-ORDINALS = ("1st", "2nd", "3rd") + tuple(f"{n}th" for n in range(4, 21))
+def ordinal(n: int) -> str:
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
 
 # (task name, args, kwargs, send_task options): priorities cover every step, a step shared by a
 # message without priority and one with 2, a step whose messages were sent with 5 then 3, a
-# countdown, retries, and a producer that hides its arguments from logs with argsrepr/kwargsrepr.
+# countdown, retries, a producer that hides its arguments from logs with argsrepr/kwargsrepr, a
+# message sent by another task (its root_id and parent_id are not its id), and a backlog of 120
+# messages in the bare list (a capped read such as LRANGE 0 99 misses some).
 LAB01_PLAN = [
     ("shop.charge", [42, "EUR"], {"idempotency_key": "k-1"}, {}),
     ("shop.send_receipt", ["ada@example.com"], {}, {"countdown": 3600, "priority": 6}),
@@ -49,6 +53,11 @@ LAB01_PLAN = [
     ("shop.refund", [[1, 2], {"why": "duplicate"}], {}, {"priority": 3}),
     ("shop.notify", ["bob"], {"channel": "sms"}, {"priority": 7, "retries": 1}),
     ("shop.charge", [9, "USD"], {}, {}),
+]
+LAB01_MORE = [  # published after the plan: a child task's message, then the backlog
+    ("shop.receipt", ["r-7"], {}, {"root_id": "6e0c1b52-0000-4000-8000-00000000c0de",
+                                   "parent_id": "6e0c1b52-0000-4000-8000-00000000beef"}),
+    *[("shop.ping", [i], {}, {}) for i in range(120)],
 ]
 
 
@@ -160,7 +169,7 @@ def _lab01_enqueue(stack, names: list[str], neighbour: list[str]) -> tuple[dict,
     stack.redis.delete(*names, *neighbour)
     other = app.send_task("shop.charge", args=[5, "EUR"], queue=LAB01_NEIGHBOUR, priority=3).id
     expected = {}
-    for n, (name, args, kwargs, opts) in enumerate(LAB01_PLAN):
+    for n, (name, args, kwargs, opts) in enumerate(LAB01_PLAN + LAB01_MORE):
         res = app.send_task(name, args=args, kwargs=kwargs, queue=LAB01_QUEUE, **opts)
         priority = opts.get("priority")
         shown = None
@@ -169,7 +178,7 @@ def _lab01_enqueue(stack, names: list[str], neighbour: list[str]) -> tuple[dict,
         expected[res.id] = {
             "task": name, "id": res.id, "args": args, "kwargs": kwargs, "shown": shown,
             "retries": opts.get("retries", 0), "countdown": "countdown" in opts,
-            "label": (f"the {ORDINALS[n]} message sent ({name}, "
+            "label": (f"the {ordinal(n + 1)} message sent ({name}, "
                       + ("no priority)" if priority is None else f"priority {priority})")),
             "priority": priority or 0,
         }
@@ -296,7 +305,9 @@ def _check_membership(got_ids: list[str], want_ids: list[str], expected: dict,
                              f"{got_ids.count(twice[0])} times; each waiting message appears once.")
     missing = [i for i in want_ids if i not in got_ids]
     if missing:
-        labels = "; ".join(expected[i]["label"] for i in missing)
+        labels = "; ".join(expected[i]["label"] for i in missing[:5])
+        if len(missing) > 5:
+            labels += f"; and {len(missing) - 5} more"
         if all(expected[i]["priority"] >= 3 for i in missing):
             raise LabCheckFailed(
                 f"The queue holds {len(want_ids)} messages; you returned {len(got_ids)}. The "

@@ -14,7 +14,7 @@ What it does to the learner's ``apply_payment`` (a real worker, 4 pool processes
     H      its process SIGKILLs itself right after its first write through ``db``: a check and a
            credit in two commands are caught (lost, or credited twice after the redelivery)
 
-and it watches the answer's keys: a payment's memory must outlive a redelivery (TTL >= 1 hour).
+and it watches the answer's keys: a payment's memory must outlive a redelivery (more than an hour left when the check runs).
 Everything after the restart runs at once, and the verdicts come in the order above.
 
 The lab keeps the default visibility timeout (an hour) and the checker ages only the dead
@@ -49,12 +49,15 @@ def _message_location(r, task_id: str, queue: str = "celery") -> str:
 
 
 def _fast_forward_visibility(r) -> int:
-    """Make every unacknowledged message look fetched long ago (score 0 in kombu's
-    ``unacked_index``): the next restore sweep (one runs at worker start) puts it back on its
-    queue, as the visibility timeout would after an hour. Returns how many were aged."""
+    """Rewrite the fetch times kombu stored for every unacknowledged message (their
+    ``unacked_index`` scores) to 0, as if the visibility timeout, an hour, had passed: the restore
+    sweep that the restarted worker runs at start puts them back on their queue. That sweep takes
+    ``unacked_mutex`` without waiting and skips while anyone holds it; only the dead worker could
+    hold it now (for up to 300 s), so it is cleared. Returns how many messages were aged."""
     tags = r.hkeys("unacked")
     if tags:
         r.zadd("unacked_index", {tag: 0 for tag in tags}, xx=True)
+    r.delete("unacked_mutex")
     return len(tags)
 
 
@@ -230,6 +233,8 @@ def check_lab04(stack) -> None:
         seconds = time.monotonic() - g_kill[0] if g_kill else 0
         did = (f"pay-G never ran again: its message was acknowledged and its result is FAILURE "
                f"({g_results['G']!r})" if fate["G"] == "FAILURE" else
+               f"{seconds:.0f} s later pay-G was still waiting to be retried (state RETRY): "
+               "when is that retry due, by default?" if fate["G"] == "RETRY" else
                f"{seconds:.0f} s later pay-G had still not run again (its state: {fate['G']})")
         raise LabCheckFailed(
             "pay-G was lost: its pool process was SIGKILLed during the bank's authorize call, "
