@@ -39,6 +39,18 @@ def test_lab03_checker_accepts_an_unusual_right_plan(stack, capsys):
     assert "Lab 3 passed" in capsys.readouterr().out
 
 
+def test_lab03_checker_accepts_exchange_routes_and_default_names(stack, capsys):
+    """Routes by exchange and routing key (Celery declares `-Q fast` with an exchange and a routing
+    key of that name), and a learner's name that looks like a default one."""
+    plan = _plan({FAST: {"exchange": "fast", "routing_key": "fast"},
+                  SLOW: {"exchange": "bulk", "routing_key": "bulk"},
+                  BULKY: {"exchange": "bulk", "routing_key": "bulk"}},
+                 {"queues": ["fast"], "concurrency": 2, "pool": "threads", "name": "lab03-1"},
+                 {"queues": ["bulk"], "concurrency": 4, "max_memory_per_child": 100 * 1024})
+    check_lab03(lambda: plan, stack)
+    assert "Lab 3 passed" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("plan, hint", [
     (None, "not written yet"),
     (_plan(ONE_QUEUE, {"queues": ["work"], "concurrency": 6}), "waited in the queue 'work'"),
@@ -55,6 +67,15 @@ def test_lab03_checker_accepts_an_unusual_right_plan(stack, capsys):
      "budget"),
     (_plan(SEPARATE, {"queues": ["fast", "bulky"], "concurrency": 3, "pool": "threads"},
            {"queues": ["slow"], "concurrency": 3}), "same worker as the lookups"),
+    (_plan(SEPARATE, {"queues": ["fast"], "concurrency": 1, "name": "w"},
+           {"queues": ["slow"], "concurrency": 4, "name": "w"},
+           {"queues": ["bulky"], "concurrency": 1, "name": "x"}), "Two workers share the name 'w'"),
+    (_plan(SEPARATE, {"queues": ["fast"], "concurrency": 1}, {"queues": ["slow"], "concurrency": 4},
+           {"queues": ["bulky"], "concurrency": 1, "max_memory_per_child": 100000.0}),
+     "whole number of KiB"),
+    (_plan(SEPARATE, {"queues": ["fast"], "concurrency": 1}, {"queues": ["slow"], "concurrency": 4},
+           {"queues": ["bulky"], "concurrency": 1, "pool": "threads",
+            "max_memory_per_child": 100 * 1024}), "main process"),
     (_plan(SEPARATE, {"queues": "fast", "concurrency": 1}, {"queues": ["slow"], "concurrency": 4},
            {"queues": ["bulky"], "concurrency": 1}), "list of queue names"),
     (_plan([lambda name, *a, **k: {"queue": name.split(".")[3]}], {"queues": ["fast"],

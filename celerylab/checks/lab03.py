@@ -36,9 +36,17 @@ def _lab03_layout(plan) -> tuple[dict, list[dict]]:
         if spec.get("pool", "prefork") not in POOLS:
             raise LabCheckFailed(f"pool must be one of {POOLS}; got {spec.get('pool')!r}.")
         cap = spec.get("max_memory_per_child")
-        if cap is not None and (not isinstance(cap, int) or cap < 50 * 1024):
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int)):
+            raise LabCheckFailed(f"max_memory_per_child is a whole number of KiB; got {cap!r}.")
+        if cap is not None and cap < 50 * 1024:
             raise LabCheckFailed("max_memory_per_child is in KiB and at least 51200 (50 MiB): a "
                                  "fresh child alone uses ~50 MiB.")
+    names = [spec.get("name") for spec in workers if spec.get("name")]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise LabCheckFailed(f"Two workers share the name {twice[0]!r}: a worker's name is its "
+                             "identity on the broker (remote control, monitoring); give each "
+                             "its own.")
     total = sum(int(spec["concurrency"]) for spec in workers)
     if total > LAB03_MAX_CONCURRENCY:
         raise LabCheckFailed(f"The layout uses {total} children/threads; this machine's budget "
@@ -68,10 +76,12 @@ def run_lab03_workload(stack, routes, specs) -> dict:
     for q in set(queue_of.values()):
         stack.redis.delete(q)
     workers = []
-    for i, spec in enumerate(specs):
+    taken = {spec.get("name") for spec in specs}
+    defaults = iter(n for n in (f"lab03-{i}" for i in range(100)) if n not in taken)
+    for spec in specs:
         cap = spec.get("max_memory_per_child")
         workers.append(stack.worker(
-            "celerylab.workloads", name=spec.get("name") or f"lab03-{i}",
+            "celerylab.workloads", name=spec.get("name") or next(defaults),
             queues=list(spec["queues"]), concurrency=int(spec["concurrency"]),
             pool=spec.get("pool", "prefork"), prefetch_multiplier=4,
             extra_args=["--max-memory-per-child", str(cap)] if cap else []))
@@ -102,9 +112,17 @@ def run_lab03_workload(stack, routes, specs) -> dict:
             "hungry replaced": replaced, "workers": workers}
 
 
+def _queue_name(route: dict) -> str:
+    """The queue a route delivers to: its queue, or (exchange and routing key given) the queue
+    of that name, which is how Celery declares the queues a worker consumes (``-Q name``)."""
+    if "queue" in route:
+        return route["queue"].name
+    return route.get("routing_key") or route.get("exchange") or "celery"
+
+
 def _queues_of(app) -> dict:
     try:
-        return {kind: app.amqp.router.route({}, name, (), {})["queue"].name
+        return {kind: _queue_name(app.amqp.router.route({}, name, (), {}))
                 for kind, name in LAB03_TASKS.items()}
     except Exception as exc:
         raise LabCheckFailed(f"Celery could not apply your routes: {type(exc).__name__}: {exc}. "
@@ -154,6 +172,12 @@ def check_lab03(routing_plan, stack) -> None:
         raise LabCheckFailed("import_catalog ran on the same worker as the lookups: every "
                              "import parks 150 MiB next to latency-sensitive work. Give it a "
                              "worker of its own.")
+    in_main = {a.pid for a in fig["hungry"]} & {w.pid for w in fig["workers"]}
+    if in_main:
+        raise LabCheckFailed(
+            "import_catalog ran in a worker's main process (its pool has no child processes), "
+            "which keeps its 150 MiB for as long as the worker lives: nothing replaces a main "
+            "process. Which pool gives the imports processes that can be replaced?")
     if not fig["hungry replaced"]:
         raise LabCheckFailed(
             f"The children that ran import_catalog (pids {sorted({a.pid for a in fig['hungry']})}) "
