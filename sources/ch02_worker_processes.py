@@ -181,7 +181,6 @@ for label, w in workers.items():
                        "processes at once": at_once}
     print(f"{label:13} CPU-bound {cpu_rate:6.1f} tasks/s on {cores:.2f} cores   "
           f"I/O-bound {io_rate:6.1f} tasks/s")
-stack.stop_workers()
 
 # %%
 import matplotlib.pyplot as plt
@@ -204,9 +203,15 @@ assert at_once["threads -c 4"] == at_once["solo -c 1"] == 1, "one process ran ev
 assert at_once["prefork -c 2"] == 2, "two child processes ran tasks at the same moment"
 assert io["threads -c 4"] > 2.5 * io["solo -c 1"], "threads overlap waiting"
 assert io["prefork -c 4"] > 2.5 * io["solo -c 1"]
-# Two cores at work, judged against the reference: only when the machine has two to give.
-if reference["parallelism"] >= 1.6 and cores["prefork -c 2"] < 1.2:
-    reference = cpu_parallelism(n=1_500_000, rounds=16)  # busier now? look again
+# Two cores at work, judged against the reference: only when the machine has two to give. The
+# kernel may still put both children on one core for a while (seen here under load): measure
+# again, with a fresh reference beside it, before concluding anything.
+prefork2 = workers["prefork -c 2"]
+for _ in range(2):
+    if cores["prefork -c 2"] > 1.2 or reference["parallelism"] < 1.6:
+        break
+    reference = cpu_parallelism(n=1_500_000, rounds=16)
+    cores["prefork -c 2"] = throughput(ch02_tasks.crunch, (1_500_000,), prefork2.queues[0])[1]
 if reference["parallelism"] >= 1.6:
     assert cores["prefork -c 2"] > 1.2, "two child processes ran on two cores at once"
     print(f"prefork -c 2 used {cores['prefork -c 2']:.2f} cores; two plain processes got "
@@ -215,6 +220,7 @@ else:
     print(f"The machine is too busy right now to show two cores at work: two plain processes got "
           f"only {reference['parallelism']:.2f}x the work of one done. prefork -c 2 used "
           f"{cores['prefork -c 2']:.2f} cores. Run the measurement again when it is quieter.")
+stack.stop_workers()
 
 # %% [markdown]
 # CPU-bound work scales with *processes* (each runs on a core of its own when one is free; a

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from conftest import expect_verdict, solution_function
 
-from celerylab.checks import LabCheckFailed, check_lab02
+from celerylab.checks import check_lab02
 from celerylab.checks.lab02 import cpu_reference
 
 pytestmark = pytest.mark.usefixtures("hog")
@@ -69,17 +69,19 @@ def fake_reference(monkeypatch, serial, parallel):
         "serial s": serial, "parallel s": parallel, "parallelism": serial / parallel})
 
 
-def test_a_busy_reference_means_no_speed_verdict_never_a_blame(stack, monkeypatch, capsys):
-    """Reference so fast that any real run misses it: with no parallelism in the reference the
-    answer is judged on what still holds (processes at once); with parallelism, it is rejected."""
+def test_the_speed_up_is_shown_never_blamed(stack, monkeypatch, capsys):
+    """A reference so fast that any real run misses it: with no parallelism in the reference, the
+    note says the machine is too busy; with parallelism, that the speed-up did not show this time.
+    Either way the answer is judged on what holds on any machine (processes at once)."""
     solution = solution_function("lab02_pool_and_concurrency", "choose_layout")
     fake_reference(monkeypatch, 0.010, 0.0095)
     check_lab02(solution, stack)
     out = capsys.readouterr().out
     assert "too busy to show a speed-up" in out and "Lab 2 passed" in out
     fake_reference(monkeypatch, 0.010, 0.005)
-    with pytest.raises(LabCheckFailed, match="closer to one process than to two"):
-        check_lab02(solution, stack)
+    check_lab02(solution, stack)
+    out = capsys.readouterr().out
+    assert "no speed-up this time" in out and "Lab 2 passed" in out
 
 
 def test_cpu_reference_measures_two_processes_against_one():

@@ -6,8 +6,9 @@ failure shows as a short message, not a stack trace (``CourseError._render_trace
 
 Timing verdicts are relative: a checker measures a reference on the same machine in the same run
 (a baseline layout, a plain CPU burn) and judges the answer against it. When the reference shows
-that the machine cannot show the effect right now, it raises ``MachineTooBusy``: never a pass,
-never a blame on the answer.
+that the machine cannot show the effect right now, it raises ``MachineTooBusy`` (or, where what
+still holds decides the contract, judges that and says the rest could not be shown): it never
+blames the answer for the machine's load.
 """
 
 from __future__ import annotations

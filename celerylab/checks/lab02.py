@@ -125,7 +125,7 @@ def check_lab02(choose_layout, stack) -> None:
     _validate_layout(layout)
     ok(f"layout: {layout}")
     n_cpu, n_io = LAB02_CPU[0], LAB02_IO[0]
-    refs = [cpu_reference()]
+    ref = cpu_reference()  # the reference, measured right before the layout runs
     fig = run_lab02_workload(stack, layout)
     print(f"  measured: {fig['finished']}/{fig['total']} tasks, {fig['tasks/s']:.1f} tasks/s "
           "(for information: the verdicts below are relative)")
@@ -155,26 +155,22 @@ def check_lab02(choose_layout, stack) -> None:
             "cores here?")
     ok(f"CPU-bound: the tasks ran in {at_once} processes at the same moment, one task each")
 
-    # CPU-bound, the speed-up: against one and two plain processes burning the same work now.
-    def verdict():
-        ref = max(refs, key=lambda r: r["parallel s"] / r["serial s"])  # the busiest reference
-        return ref, fig["cpu seconds"] <= (ref["serial s"] + ref["parallel s"]) / 2
-
-    ref, good = verdict()
-    if not good:
-        refs.append(cpu_reference())  # the machine may have got busier meanwhile: look again
-        ref, good = verdict()
+    # CPU-bound, the speed-up, shown against one and two plain processes burning the same work
+    # right now. Shown, not judged: within this lab's choices the processes above decide it, and
+    # under load the kernel can keep two pool children on one core for a while (measured here:
+    # no speed-up at all while two fresh plain processes got 1.4-1.7x), which is not the answer's
+    # doing.
     line = (f"{n_cpu} CPU-bound tasks took {fig['cpu seconds']:.2f} s; the same burns right now: "
             f"one process {ref['serial s']:.2f} s, two processes {ref['parallel s']:.2f} s")
-    if good:
+    if fig["cpu seconds"] <= (ref["serial s"] + ref["parallel s"]) / 2:
         ok(line + " (closer to two)")
     elif ref["parallelism"] < LAB02_MIN_PARALLELISM:
-        # Nothing can show a speed-up now: say so, and judge on what still holds (above).
         print(f"  --  {line}: two plain processes got only {ref['parallelism']:.2f}x the work of "
               "one done, so the machine is too busy to show a speed-up right now. Judged on the "
               "processes above; run the check again when the machine is quieter to see it.")
     else:
-        raise LabCheckFailed(
-            f"{line}: closer to one process than to two, although the tasks ran in {at_once} "
-            "processes at once. Was something else of yours competing for the cores?")
+        print(f"  --  {line}: no speed-up this time although your tasks ran in {at_once} "
+              "processes at once; the machine's load changed, or the kernel kept your processes "
+              "on one core for a while. Judged on the processes above; run the check again to "
+              "see the speed-up.")
     print("Lab 2 passed: each kind of work runs the way it should.")
