@@ -12,8 +12,9 @@
 #    lab's numbers: the delay is capped at **4 s or less**, the cap is **above the first step**
 #    (so at least one doubling shows), and a task gives up after **2 to 5 retries**;
 # 2. **dead-letter handling**: when `sync_order` fails for good, push a JSON dict with `task`,
-#    `id`, `args`, `kwargs`, `error` and `attempts` onto the Redis list `lab05:dead` (nothing for
-#    a failure that is still going to be retried);
+#    `id`, `args`, `kwargs`, `error` (naming the exception's class, e.g. `"InvalidOrder: ..."`)
+#    and `attempts` onto the Redis list `lab05:dead` (nothing for a failure that is still going to
+#    be retried);
 # 3. `replay_dead_letters(r, send_task)`: after the cause is fixed, re-send every dead letter with
 #    its original task name, args and kwargs, **oldest first** (in the order they died), each
 #    once, leave the list empty, and return a list with the result of each message it sent.

@@ -84,13 +84,28 @@ def replay_count(r, send_task):
     return n
 
 
+def replay_drops_one(r, send_task):
+    """Reads all but the last-read (newest) letter, deletes the list: one letter is lost."""
+    raws = r.lrange("lab05:dead", 1, -1)[::-1]
+    r.delete("lab05:dead")
+    return [send_task(x["task"], x["args"], x["kwargs"]) for x in map(json.loads, raws)]
+
+
+def replay_results_reversed(r, send_task):
+    out = []
+    for _ in range(r.llen("lab05:dead")):
+        letter = json.loads(r.rpop("lab05:dead"))
+        out.append(send_task(letter["task"], letter["args"], letter["kwargs"]))
+    return out[::-1]
+
+
 def replay_stub(r, send_task):
     raise NotImplementedError
 
 
 REPLAYS = {f.__name__: f for f in (replay_original_id, replay_lpop, replay_without_kwargs,
                                    replay_first_arg, replay_newest_first, replay_count,
-                                   replay_stub)}
+                                   replay_drops_one, replay_results_reversed, replay_stub)}
 
 POLICY_LINES = ('"retry_backoff": True,  # 1, 2, 4 ... s', '"retry_backoff_max": 2,')
 UNUSUAL_POLICY = (  # factor 2, cap 4, two retries: waits within 2 then 4 s; letters RPUSHed
@@ -209,11 +224,14 @@ STRETCHED_RETRY = """class DeadLetterOnFailure(app.Task):
     ((), "replay_first_arg", r"changed the payload.*replay sent .*args=\['bad-1'\], "),
     ((), "replay_newest_first", r"in the order \['bad-2', 'down-1', 'bad-1'\].*oldest first"),
     ((), "replay_count", "replay_dead_letters returned int"),
+    ((), "replay_drops_one", r"sent 2 messages; the dead-letter list held 3: \w+-\d was not"),
+    ((), "replay_results_reversed", "but not in the order it sent them"),
     ((), "replay_stub", "replay_dead_letters is not written yet"),
 ], ids=["constant-1s-jittered", "fixed-countdown", "jitter-off", "waits-longer-than-declared",
         "invalid-retried", "transient-not-retried", "no-dead-letter", "letter-without-kwargs",
         "letters-on-retry", "replay-drops-kwargs", "replay-first-arg-only", "replay-newest-first",
-        "replay-returns-count", "replay-stub"])
+        "replay-returns-count", "replay-drops-a-letter", "replay-results-reversed",
+        "replay-stub"])
 def test_lab05_rejects(lab05, changes, replay, hint):
     stack = lab05(module_code(changes=changes))
     with pytest.raises(LabCheckFailed, match=hint):

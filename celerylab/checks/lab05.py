@@ -99,7 +99,9 @@ def _declared_waits(task) -> tuple[list[float], list[float], bool]:
         raise LabCheckFailed(
             f"Your policy lets the wait between two attempts reach {longest:g} s, longer than the "
             f"{LAB05_MAX_CAP} s this lab allows: a long outage would push retries minutes apart "
-            "(and this check will not sit through that).")
+            "(and this check will not sit through that). The policy is read from the options "
+            "the task is declared with (POLICY); with no backoff declared, Celery waits its "
+            "default retry delay.")
     return low, high, jitter
 
 
@@ -210,7 +212,8 @@ def _check_letter(r, run: _Run, order: str, runs: list, exc: str) -> dict:
     if not isinstance(letter["error"], str) or exc not in letter["error"]:
         wrong.append(f"error {letter['error']!r} (it should name the error, {exc})")
     if letter["attempts"] != len(runs):
-        wrong.append(f"attempts {letter['attempts']!r} (it ran {len(runs)} times)")
+        wrong.append(f"attempts {letter['attempts']!r} (it ran {len(runs)} "
+                     f"time{'s' * (len(runs) != 1)})")
     if wrong:
         raise LabCheckFailed(f"The dead letter of {order} says " + "; ".join(wrong) + ".")
     return letter
@@ -283,8 +286,17 @@ def _judge_replay(returned, captured: list[dict], expected: list[tuple[str, dict
         raise LabCheckFailed(
             f"replay_dead_letters sent {len(captured)} messages but returned {len(ids)} results "
             "that are not theirs: return the result of each message it sends.")
+    if ids != [m["id"] for m in captured]:
+        raise LabCheckFailed("replay_dead_letters returned the results of the messages it sent, "
+                             "but not in the order it sent them.")
     want = [(LAB05_TASK, call["args"], call["kwargs"]) for _, call in expected]
     got = [(m["task"], m["args"], m["kwargs"]) for m in captured]
+    if len(got) < len(want) and all(g in want for g in got):
+        left_out = [order for (order, _), w in zip(expected, want, strict=True) if w not in got]
+        raise LabCheckFailed(
+            f"replay_dead_letters sent {len(got)} messages; the dead-letter list held "
+            f"{len(want)}: {', '.join(left_out)} {'was' if len(left_out) == 1 else 'were'} not "
+            "re-sent. Replay every letter the list holds.")
     for (order, call), payload in zip(expected, want, strict=True):
         if payload not in got:
             same = next((m for m in captured if m["args"][:1] == call["args"][:1]), captured[0])
