@@ -59,8 +59,30 @@ def _free_port(start: int) -> int:
                       "CELERYLAB_JUPYTER_PORT to a free one.")
 
 
+# JupyterLab settings the course ships (the app directory's overrides.json, read before a user's
+# own settings): no "get notified about Jupyter news?" prompt, and no calls to the internet.
+LAB_OVERRIDES = {"@jupyterlab/apputils-extension:notification": {
+    "fetchNews": "false", "checkForUpdates": False}}
+
+
+def install_lab_overrides(prefix: str = sys.prefix) -> Path:
+    """Merge the course's JupyterLab settings into <prefix>/share/jupyter/lab/settings."""
+    import json
+    path = Path(prefix) / "share" / "jupyter" / "lab" / "settings" / "overrides.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        current = json.loads(path.read_text())
+    except (OSError, ValueError):
+        current = {}
+    for plugin, values in LAB_OVERRIDES.items():
+        current.setdefault(plugin, {}).update(values)
+    path.write_text(json.dumps(current, indent=2) + "\n")
+    return path
+
+
 def cmd_open(args) -> int:
     print(f"celerylab: {_preflight()}", flush=True)
+    install_lab_overrides()
     port = int(os.environ.get("CELERYLAB_JUPYTER_PORT") or 0) or _free_port(8888)
     token = os.environ.get("JUPYTER_TOKEN") or secrets.token_hex(24)
     ip = os.environ.get("CELERYLAB_JUPYTER_IP", "127.0.0.1")  # 0.0.0.0 only inside Docker
@@ -90,8 +112,10 @@ def cmd_open(args) -> int:
           "Stop with Ctrl-C (every worker and Redis the notebooks started stops too).\n",
           flush=True)
 
-    def forward(signum, _frame):
-        lab.send_signal(signal.SIGINT if signum == signal.SIGINT else signal.SIGTERM)
+    def forward(_signum, _frame):
+        # SIGTERM either way: JupyterLab asks for confirmation on a SIGINT when it has a terminal,
+        # and ignores a lone SIGINT when it has none (kill -INT from a script, CI).
+        lab.send_signal(signal.SIGTERM)
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)

@@ -11,6 +11,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
 from conftest import course_env
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,7 +23,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_course_open_serves_jupyterlab_with_a_token():
+@pytest.mark.parametrize("stop", ["ctrl-c", "kill -INT"], ids=["Ctrl-C to the process group",
+                                                               "SIGINT to the command alone"])
+def test_course_open_serves_jupyterlab_with_a_token(stop):
+    """As a learner runs it, until JupyterLab answers with its token; then stopped the way a
+    terminal does (Ctrl-C: SIGINT to the whole group) or a script does (SIGINT to the command
+    alone, no terminal): both stop JupyterLab."""
     port = free_port()
     env = course_env(CELERYLAB_JUPYTER_PORT=str(port), CELERYLAB_NO_BROWSER="1")
     if "CELERYLAB_VENV" in os.environ:
@@ -54,7 +60,10 @@ def test_course_open_serves_jupyterlab_with_a_token():
         except urllib.error.HTTPError as err:
             assert err.code == 403
     finally:
-        os.killpg(proc.pid, signal.SIGINT)
+        if stop == "ctrl-c":
+            os.killpg(proc.pid, signal.SIGINT)
+        else:
+            os.kill(proc.pid, signal.SIGINT)
         try:
             proc.wait(20)
         except subprocess.TimeoutExpired:
@@ -63,3 +72,18 @@ def test_course_open_serves_jupyterlab_with_a_token():
     assert proc.returncode == 0, "".join(seen[-20:])
     with socket.socket() as s:
         assert s.connect_ex(("127.0.0.1", port)) != 0, "JupyterLab still listening after stop"
+
+
+def test_the_jupyter_news_prompt_is_turned_off(tmp_path):
+    """The open command writes the course's JupyterLab overrides (merged with any others)."""
+    import json
+
+    from celerylab.cli import install_lab_overrides
+    path = tmp_path / "share" / "jupyter" / "lab" / "settings" / "overrides.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"@jupyterlab/apputils-extension:themes": {"theme": "dark"}}))
+    assert install_lab_overrides(str(tmp_path)) == path
+    settings = json.loads(path.read_text())
+    assert settings["@jupyterlab/apputils-extension:notification"]["fetchNews"] == "false"
+    assert settings["@jupyterlab/apputils-extension:themes"] == {"theme": "dark"}
+
