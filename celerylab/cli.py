@@ -4,7 +4,8 @@
     test     the whole test suite (pytest; notebooks in parallel)
     doctor   what is installed, what answers, what is left running
     reset    stop anything the course left running and delete its runtime files;
-             --labs also restores labs/ to fresh copies (yours are backed up first)
+             NAME...: restore your workspace copy of those notebooks, --labs: of all of them
+             (yours are backed up first)
     build    regenerate notebooks/, labs/ and solutions/ from sources/ (--check: only report drift)
     bench    print the figures of docs/benchmarks.md; --soak N [--hog K]: the suite N times in a
              row (K busy loops beside it), pass/fail per run
@@ -26,6 +27,14 @@ from pathlib import Path
 from celerylab.errors import CourseError
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def workspace_dir() -> Path:
+    from celerylab.workspace import workspace_dir as ws
+    return ws()
+
+
+START = "workspace/notebooks/ch00_setup.ipynb"
 
 
 def _preflight() -> str:
@@ -80,15 +89,32 @@ def install_lab_overrides(prefix: str = sys.prefix) -> Path:
     return path
 
 
+def _workspace_news(report) -> list[str]:
+    """Lines worth telling a learner about their workspace copies."""
+    lines = []
+    copied = [c.name for c in report if c.state == "copied"]
+    if copied:
+        lines.append(f"copied {len(copied)} notebook(s) into your workspace "
+                     f"({workspace_dir().name}/): work there; updates and ./course build "
+                     "never touch it")
+    for c in report:
+        if c.newer or c.state == "missing from the course":
+            lines.append(f"{c.name}: {c.describe()}")
+    return lines
+
+
 def cmd_open(args) -> int:
+    from celerylab.workspace import sync
     print(f"celerylab: {_preflight()}", flush=True)
     install_lab_overrides()
+    for line in _workspace_news(sync()):
+        print(f"celerylab: {line}", flush=True)
     port = int(os.environ.get("CELERYLAB_JUPYTER_PORT") or 0) or _free_port(8888)
     token = os.environ.get("JUPYTER_TOKEN") or secrets.token_hex(24)
     ip = os.environ.get("CELERYLAB_JUPYTER_IP", "127.0.0.1")  # 0.0.0.0 only inside Docker
     cmd = [sys.executable, "-m", "jupyter", "lab", f"--ServerApp.ip={ip}",
            f"--ServerApp.port={port}", "--ServerApp.port_retries=0",
-           f"--ServerApp.root_dir={ROOT}"]
+           f"--ServerApp.root_dir={ROOT}", f"--ServerApp.default_url=/lab/tree/{START}"]
     if args.no_browser or os.environ.get("CI") or os.environ.get("CELERYLAB_NO_BROWSER"):
         cmd.append("--ServerApp.open_browser=False")
     if hasattr(os, "geteuid") and os.geteuid() == 0:
@@ -108,7 +134,7 @@ def cmd_open(args) -> int:
         print(f"celerylab: JupyterLab exited (code {lab.returncode}); see its messages above. "
               f"Is port {port} free? Set CELERYLAB_JUPYTER_PORT to another.", file=sys.stderr)
         return 1
-    print(f"\n  The course is open:  {url}\n  Start with notebooks/ch00_setup.ipynb. "
+    print(f"\n  The course is open:  {url}\n  Start with {START} (your copy). "
           "Stop with Ctrl-C (every worker and Redis the notebooks started stops too).\n",
           flush=True)
 
@@ -182,17 +208,11 @@ def cmd_reset(args) -> int:
     for p in removed:
         p.unlink()
     print(f"deleted runtime files and {len(removed)} generated task module(s)")
-    if args.labs:
-        from celerylab.labgen import targets
-        backup = home() / "backup" / time.strftime("%Y%m%d-%H%M%S")
-        for path, text in targets().items():
-            if path.parent.name == "labs":
-                if path.exists() and path.read_text() != text:
-                    backup.mkdir(parents=True, exist_ok=True)
-                    shutil.copy2(path, backup / path.name)
-                path.write_text(text)
-        print("labs/ restored to fresh copies" + (f"; your versions are in {backup}"
-                                                   if backup.exists() else ""))
+    if args.labs or args.names:
+        from celerylab.workspace import reset
+        done, backup = reset(None if args.labs else args.names)
+        print(f"restored {len(done)} notebook(s) in your workspace to the course's version"
+              + (f"; your versions are in {backup}" if backup else ""))
     return 0
 
 
@@ -218,7 +238,18 @@ def cmd_doctor(args) -> int:
                          if left else "nothing left running"))
     from celerylab.labgen import build
     drift = build(check=True)
-    print("notebooks " + ("up to date" if not drift else f"{len(drift)} out of date -> ./course build"))
+    print("course   " + ("generated notebooks match sources/" if not drift else
+                         f"{len(drift)} generated notebook(s) differ from sources/ (a maintainer's "
+                         "edit: ./course build)"))
+    from celerylab.workspace import sync
+    report = sync()
+    edited = [Path(c.name).stem for c in report if c.state == "edited"]
+    newer = [Path(c.name).stem for c in report if c.newer]
+    print(f"workspace {workspace_dir()}: {len(report)} notebooks; edited by you: "
+          f"{', '.join(edited) or 'none'}")
+    if newer:
+        print(f"         newer course version of: {', '.join(newer)} -> ./course reset NAME "
+              "takes it (yours is backed up first)")
     return 0 if good else 1
 
 
@@ -242,7 +273,10 @@ def main(argv=None) -> int:
     p.add_argument("--check", action="store_true")
     p.set_defaults(fn=cmd_build)
     p = sub.add_parser("reset")
-    p.add_argument("--labs", action="store_true", help="restore labs/ (backs up your versions)")
+    p.add_argument("names", nargs="*", metavar="NAME",
+                   help="restore your workspace copy of these notebooks (lab02, ch03, ...)")
+    p.add_argument("--labs", action="store_true",
+                   help="restore every notebook of your workspace (backs up your versions)")
     p.set_defaults(fn=cmd_reset)
     sub.add_parser("doctor").set_defaults(fn=cmd_doctor)
     p = sub.add_parser("bench")
