@@ -2,7 +2,42 @@
 
 from __future__ import annotations
 
+import functools
 import json
+
+STOPPED = ("This notebook's broker does not answer: its stack is stopped (the notebook's last "
+           "cell, stack.stop(), stops it) or its Redis died. Re-run the setup cell "
+           "(stack = celerylab.start(...)) and the cells that start the workers, then press again.")
+
+
+def answers(r) -> bool:
+    """Does this Redis answer right now (within a second)?"""
+    import redis
+    try:
+        return bool(redis.Redis(connection_pool=r.connection_pool, socket_timeout=1).ping())
+    except (redis.RedisError, OSError):
+        return False
+
+
+def reported(out, fn, r=None):
+    """Wrap a widget callback so that whatever goes wrong shows in the widget's own output area
+    (not in JupyterLab's log console); with ``r``, a broker that no longer answers is reported at
+    once, with the way to restart it, instead of Celery's long reconnection attempts."""
+
+    def say(text: str) -> None:
+        out.clear_output()
+        out.append_stdout(text + "\n")
+
+    @functools.wraps(fn)
+    def run(*args):
+        if r is not None and not answers(r):
+            return say(STOPPED)
+        try:
+            return fn(*args)
+        except Exception as exc:
+            from celerylab.errors import CourseError
+            say(str(exc) if isinstance(exc, CourseError) else f"{type(exc).__name__}: {exc}")
+    return run
 
 
 def send_and_inspect(task, r, n: int, queue: str = "celery") -> dict:
@@ -42,8 +77,9 @@ def queue_explorer(task, r, queue: str = "celery"):
              f"next out (right end, LINDEX -1): {report['oldest id']}\n"
              f"last in  (left end,  LINDEX 0):  {report['newest id']}")
 
-    send.on_click(on_send)
-    empty.on_click(lambda _: show(f"deleted {purge(r, queue)} messages from {queue!r}"))
+    send.on_click(reported(out, on_send, r))
+    empty.on_click(reported(out, lambda _: show(f"deleted {purge(r, queue)} messages from "
+                                                  f"{queue!r}"), r))
     return w.VBox([w.HBox([count, send, empty]), out])
 
 
@@ -87,5 +123,5 @@ def routing_explorer(stack, fast_task, slow_task, queues: list[str]):
             plots.latency_distributions(history, "Fast-task latency by layout", log=True)
             plt.show()
 
-    run.on_click(on_run)
+    run.on_click(reported(out, on_run, stack.redis))
     return w.VBox([w.HBox([fast_q, slow_q, run]), out])

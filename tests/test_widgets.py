@@ -20,3 +20,31 @@ def test_queue_explorer_builds():
 
     box = widgets.queue_explorer(FakeTask(), None)
     assert isinstance(box, ipywidgets.VBox)
+
+
+def test_a_button_pressed_after_the_stack_stopped_says_how_to_restart(tasks_module):
+    """Run All ends with stack.stop(); a button pressed afterwards reports in its own output."""
+    import ipywidgets
+
+    from celerylab.stack import Stack
+    stack = Stack("widgetstop").start()
+    mod = __import__(tasks_module)
+    box = widgets.queue_explorer(mod.add, stack.redis, queue="parked")
+    stack.stop()
+    send = box.children[0].children[1]
+    out = box.children[1]
+    assert isinstance(send, ipywidgets.Button) and isinstance(out, ipywidgets.Output)
+    send.click()
+    text = "".join(o.get("text", "") for o in out.outputs)
+    assert "stack is stopped" in text and "celerylab.start" in text, out.outputs
+
+
+def test_an_error_in_a_callback_shows_in_the_widget():
+    import ipywidgets
+    out = ipywidgets.Output()
+
+    def boom(_):
+        raise ValueError("bad value")
+
+    widgets.reported(out, boom)(None)
+    assert "ValueError: bad value" in "".join(o.get("text", "") for o in out.outputs)
