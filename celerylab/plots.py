@@ -76,12 +76,15 @@ def latency_distributions(series: dict[str, list[float]], title: str, unit: str 
     for i, values in enumerate(series.values()):
         xs = [i + 0.12 * ((k % 7) - 3) / 3 for k in range(len(values))]
         ax.scatter(xs, values, s=14, alpha=0.6)
-        for q, style in ((50, "-"), (95, "--")):
+        # p50 written below its line and p95 above its own: readable even when the two are equal
+        for q, style, dy, va in ((50, "-", -3, "top"), (95, "--", 3, "bottom")):
             v = percentile(values, q)
             ax.plot([i - 0.3, i + 0.3], [v, v], style, color="black", lw=1)
-            ax.annotate(f"p{q} {v:.3g} {unit}", (i + 0.32, v), fontsize=8, va="center")
+            ax.annotate(f"p{q} {v:.3g} {unit}", (i + 0.32, v), xytext=(0, dy),
+                        textcoords="offset points", fontsize=8, va=va)
     ax.set_xticks(range(len(series)), list(series))
     ax.set_xlim(-0.6, len(series) - 0.1)
+    ax.margins(y=0.25)  # room for the labels above the top line and below the bottom one
     if log:
         ax.set_yscale("log")
     ax.set_ylabel(unit)

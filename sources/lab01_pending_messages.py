@@ -39,6 +39,11 @@
 # the lists in that order, `_brpop_start` in kombu/transport/redis.py): it takes nothing from a
 # later list while an earlier one holds a message. So a queue's waiting messages are the
 # messages of all its lists.
+#
+# > **How to run this lab.** "Run All" stops at the first place you are meant to write (a cell
+# > that raises `NotImplementedError`): that is expected. Write your answer there and run that
+# > cell, then run the cells below it one by one; the **check** cell runs on its own and says
+# > what passed, or gives a hint. Solved version: `solutions/` in the course folder.
 
 # %%
 import base64

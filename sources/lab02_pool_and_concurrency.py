@@ -21,6 +21,11 @@
 #
 # Chapter 2 measured what each pool does with each kind of work. Measure your candidates with the
 # cell below before you run the check.
+#
+# > **How to run this lab.** "Run All" stops at the first place you are meant to write (a cell
+# > that raises `NotImplementedError`): that is expected. Write your answer there and run that
+# > cell, then run the cells below it one by one; the **check** cell runs on its own and says
+# > what passed, or gives a hint. Solved version: `solutions/` in the course folder.
 
 # %%
 import celerylab

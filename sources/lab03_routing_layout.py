@@ -19,6 +19,11 @@
 #
 # A worker is a dict: `queues` (list), `concurrency`, optional `pool` (default `prefork`), `name`,
 # and `max_memory_per_child` (KiB, or `None`). Chapter 3 has everything you need.
+#
+# > **How to run this lab.** "Run All" stops at the first place you are meant to write (a cell
+# > that raises `NotImplementedError`): that is expected. Write your answer there and run that
+# > cell, then run the cells below it one by one; the **check** cell runs on its own and says
+# > what passed, or gives a hint. Solved version: `solutions/` in the course folder.
 
 # %%
 import celerylab

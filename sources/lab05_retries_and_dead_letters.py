@@ -27,6 +27,11 @@
 # orders that failed together must not all wait the same time. Then it reads the dead-letter
 # list, fixes the dependency, calls your replay, checks the messages it published, and watches
 # what runs after it. Chapter 5 has the pieces.
+#
+# > **How to run this lab.** "Run All" stops at the first place you are meant to write (a cell
+# > that raises `NotImplementedError`): that is expected. Write your answer there and run that
+# > cell, then run the cells below it one by one; the **check** cell runs on its own and says
+# > what passed, or gives a hint. Solved version: `solutions/` in the course folder.
 
 # %%
 import json
