@@ -50,23 +50,32 @@ class Worker:
         self.boot_seconds: float | None = None
 
     @property
-    def command(self) -> list[str]:
-        """The exact command line, flags explicit (shown to the learner)."""
+    def typed_command(self) -> list[str]:
+        """The command a learner would type in a terminal for this worker, flags explicit."""
         cmd = ["celery", "-A", self.app, "worker",
-               "--hostname", self.hostname,
                "--queues", ",".join(self.queues),
                "--pool", self.pool,
                "--concurrency", str(self.concurrency),
                "--prefetch-multiplier", str(self.prefetch_multiplier),
-               "--loglevel", self.loglevel,
-               "--logfile", str(self.logfile),
-               "--include", "celerylab.recording",
-               # mingle and gossip talk to other workers at boot (mingle waits ~1 s); the course's
-               # workers do not need them, and heartbeats only matter to event monitors.
-               "--without-mingle", "--without-gossip", "--without-heartbeat"]
+               "--loglevel", self.loglevel]
         if self.events:
             cmd.append("--task-events")
         return cmd + self.extra_args
+
+    @property
+    def course_flags(self) -> list[str]:
+        """What the course adds to it: a name, a log file, its recorder, a faster boot."""
+        return ["--hostname", self.hostname,
+                "--logfile", str(self.logfile),
+                "--include", "celerylab.recording",
+                # mingle and gossip talk to other workers at boot (mingle waits ~1 s); the course's
+                # workers do not need them, and heartbeats only matter to event monitors.
+                "--without-mingle", "--without-gossip", "--without-heartbeat"]
+
+    @property
+    def command(self) -> list[str]:
+        """The exact command line that runs: what a learner would type, plus the course's flags."""
+        return self.typed_command + self.course_flags
 
     def __repr__(self) -> str:
         state = "running" if self.alive else "stopped"
