@@ -13,8 +13,21 @@ STATE_COLORS = {"SUCCESS": "tab:green", "FAILURE": "tab:red", "RETRY": "tab:oran
 
 
 def table(rows: Iterable, columns: list[str] | None = None):
-    """An HTML table of dicts (or Attempts) for the notebook; plain text elsewhere."""
-    rows = [r if isinstance(r, dict) else _attempt_row(r) for r in rows]
+    """An HTML table of dicts (or Attempts) for the notebook; plain text elsewhere.
+
+    For attempts, the "+s" columns are seconds after the task's first publish (the first `sent`
+    recorded for that task id in the table)."""
+    rows = list(rows)
+    # times of the attempts of one task are counted from that task's first publish (or, with no
+    # publish recorded, its first receipt), so a redelivery shows when it came
+    firsts: dict[str, float] = {}
+    for r in rows:
+        if isinstance(r, Attempt) and (r.sent or r.received):
+            t = r.sent or r.received
+            firsts[r.id] = min(firsts.get(r.id, t), t)
+    caption = ("+s: seconds after the task was first sent" if any(isinstance(r, Attempt)
+                                                                    for r in rows) else "")
+    rows = [r if isinstance(r, dict) else _attempt_row(r, firsts.get(r.id)) for r in rows]
     columns = columns or list(dict.fromkeys(k for r in rows for k in r))
 
     class _Table:
@@ -22,10 +35,11 @@ def table(rows: Iterable, columns: list[str] | None = None):
             head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
             body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(r.get(c)))}</td>"
                                             for c in columns) + "</tr>" for r in rows)
-            return f"<table><tr>{head}</tr>{body}</table>"
+            cap = f"<caption>{html.escape(caption)}</caption>" if caption else ""
+            return f"<table>{cap}<tr>{head}</tr>{body}</table>"
 
         def __repr__(self) -> str:
-            lines = ["  ".join(columns)]
+            lines = ([caption] if caption else []) + ["  ".join(columns)]
             lines += ["  ".join(_fmt(r.get(c)) for c in columns) for r in rows]
             return "\n".join(lines)
 
@@ -38,12 +52,14 @@ def _fmt(v) -> str:
     return "" if v is None else str(v)
 
 
-def _attempt_row(a: Attempt) -> dict:
-    t0 = a.sent or a.received or 0
+def _attempt_row(a: Attempt, t0: float | None = None) -> dict:
+    """One attempt; its times in seconds after ``t0``, the task's first publish."""
+    t0 = t0 or a.sent or a.received or 0
     rel = lambda t: None if t is None else t - t0  # noqa: E731
+    state = a.state or ("no end recorded (its process died?)" if a.started else "not started")
     return {"task": a.name.rsplit(".", 1)[-1], "id": a.id[:8], "queue": a.queue,
-            "received +s": rel(a.received), "started +s": rel(a.started),
-            "finished +s": rel(a.finished), "worker": a.host, "pid": a.pid, "state": a.state,
+            "sent +s": rel(a.sent), "received +s": rel(a.received), "started +s": rel(a.started),
+            "finished +s": rel(a.finished), "worker": a.host, "pid": a.pid, "state": state,
             "retries": a.retries, "redelivered": a.redelivered}
 
 

@@ -232,7 +232,9 @@ def plot_attempts(ax, task_id, title):
 
 
 fig, axes = plt.subplots(1, 2, figsize=(11, 3))
-plot_attempts(axes[0], calls["sync_backoff"].id, "sync_backoff: 1, 2, 4 s (orange: retry)")
+plot_attempts(axes[0], calls["sync_backoff"].id,
+              f"sync_backoff: waited {', '.join(f'{g:.1f}' for g in measured['sync_backoff'])} s "
+              "(orange: retry)")
 plot_attempts(axes[1], calls["sync_manual (never recovers)"].id,
               "sync_manual, never recovers (red: gave up)")
 fig.tight_layout()
