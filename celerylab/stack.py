@@ -11,6 +11,7 @@ Redis), so notebooks run in any order, in parallel, and twice in a row with the 
 
 from __future__ import annotations
 
+import ast
 import atexit
 import os
 import shutil
@@ -251,7 +252,46 @@ def start(namespace: str) -> Stack:
         _current.stop()
     _current = Stack(namespace).start()
     atexit.register(_current.stop)
+    _watch_the_broker()
     return _current
+
+
+def check_broker() -> None:
+    """Raise a clear error at once if this kernel's stack has lost its Redis (killed, crashed):
+    otherwise the next Celery call would retry for about 20 s, then show a long traceback."""
+    s = _current
+    if s is None or s.server is None or s.server.group is None or s.server.group.alive:
+        return
+    raise CourseError(
+        f"This notebook's Redis (pid {s.server.pid}) is gone: it was stopped or killed, and with "
+        f"it every queue and result of the stack. Re-run the setup cell "
+        f"(stack = celerylab.start({s.namespace!r})) to start a fresh one, then the cells that "
+        "start workers.")
+
+
+def _watch_the_broker() -> None:
+    """In IPython, run ``check_broker()`` before each cell (except the one restarting the stack):
+    a notebook whose Redis died fails its next cell within a second, saying how to restart."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return
+    ip = get_ipython()
+    if ip is None or any(isinstance(t, _BrokerWatch) for t in ip.ast_transformers):
+        return
+    ip.ast_transformers.append(_BrokerWatch())
+
+
+class _BrokerWatch(ast.NodeTransformer):
+    """Prepends ``check_broker()`` to a cell's code (IPython applies it to every cell)."""
+
+    CHECK = "__import__('celerylab.stack', fromlist=['check_broker']).check_broker()"
+
+    def visit_Module(self, node):
+        if "celerylab.start(" in ast.unparse(node):
+            return node  # the cell that (re)starts the stack must run
+        node.body[0:0] = ast.parse(self.CHECK).body
+        return ast.fix_missing_locations(node)
 
 
 def current() -> Stack:

@@ -122,3 +122,28 @@ def test_restart_keeps_messages_only_with_aof(tmp_path):
             assert redis.Redis.from_url(server.url).llen("q") == survivors
         finally:
             server.stop()
+
+
+def test_a_notebook_whose_redis_died_says_so_at_its_next_cell(tmp_path):
+    """Kill the notebook's redis-server mid-lesson: the next cell fails within seconds with the
+    call that restarts it (not Celery's 20 s of reconnection attempts and a traceback)."""
+    import time
+
+    import nbformat
+    from nbclient import NotebookClient
+    from nbclient.exceptions import CellExecutionError
+
+    cells = ["import os, signal, celerylab\nstack = celerylab.start('gone')",
+             "os.kill(stack.server.pid, signal.SIGKILL); stack.server.group.popen.wait()",
+             "stack.redis.ping()"]
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in cells])
+    client = NotebookClient(nb, timeout=60, kernel_name="python3",
+                            resources={"metadata": {"path": str(tmp_path)}})
+    t0 = time.monotonic()
+    with pytest.raises(CellExecutionError) as err:
+        client.execute()
+    took = time.monotonic() - t0
+    assert "Redis (pid" in str(err.value) and "is gone" in str(err.value)
+    assert "celerylab.start('gone')" in str(err.value)
+    assert nb.cells[2].outputs[0]["ename"] == "CourseError"
+    print(f"failed in {took:.1f} s from kernel start")
