@@ -22,6 +22,8 @@
 #
 # `celerylab.start("ch00")` starts a private Redis for this notebook on a free `127.0.0.1` port
 # (persistence off, `maxmemory-policy noeviction`), so nothing here can touch another Redis.
+# (With `REDIS_URL` set, as under Docker compose, it claims a database of that Redis instead, one
+# that is empty or already the course's, never database 0: still nothing of anyone else's.)
 # `stack.health()` says what runs and, when something does not, what to do about it.
 
 # %%
