@@ -21,7 +21,9 @@
 # ## Start this notebook's stack
 #
 # `celerylab.start("ch00")` starts a private Redis for this notebook on a free `127.0.0.1` port
-# (persistence off, `maxmemory-policy noeviction`), so nothing here can touch another Redis.
+# (persistence off, and `maxmemory-policy noeviction`: when memory runs out Redis refuses new
+# writes rather than evicting keys, because an evicted key here would be a lost queue), so
+# nothing here can touch another Redis.
 # (With `REDIS_URL` set, as under Docker compose, it claims a database of that Redis instead, one
 # that is empty or already the course's, never database 0: still nothing of anyone else's.)
 # `stack.health()` says what runs and, when something does not, what to do about it.
@@ -43,7 +45,11 @@ assert stack.health()
 # A worker is *another process*: it cannot see functions defined in this notebook. Task code lives
 # in a module both sides import. The cell below writes `ch00_tasks.py` next to this notebook. Every
 # setting this chapter relies on is written out, even where it equals Celery's default: explicit
-# defaults are the first habit of reliable background work.
+# defaults are the first habit of reliable background work. Two of them need a word now (chapters
+# 4 and 6 measure them): a worker **acknowledges** a message to tell the broker it may forget it
+# (here as soon as a pool child starts the task), and it **prefetches**: takes messages from the
+# broker ahead of time, holding up to `worker_prefetch_multiplier` × the number of children that
+# it has not acknowledged yet.
 
 # %%
 # %%writefile ch00_tasks.py

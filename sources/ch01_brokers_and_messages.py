@@ -24,9 +24,14 @@ assert stack.health()
 # %% [markdown]
 # ## This chapter's tasks
 #
-# The settings below are the ones this chapter looks at. The transport options shrink the
-# **visibility timeout** from an hour to 5 seconds so you can watch it act (more on it below), and
-# lower kombu 5.7's restore sweep so the timeout is honoured to the second.
+# The settings below are the ones this chapter looks at. Celery talks to brokers through
+# **kombu**, its messaging library: the Redis transport (how a queue becomes Redis lists and keys)
+# is kombu's, and so are the `broker_transport_options`. They shrink the **visibility timeout**
+# from an hour to 5 seconds so you can watch it act (more on it below). A message that a worker
+# took but has not acknowledged within that time is put back on its queue by a **restore sweep**:
+# kombu, inside a worker, looks for such messages every `unacked_restore_interval` seconds, and
+# kombu 5.7 scans only on every `unacked_restore_throttle`-th look; both are lowered here so the
+# timeout is honoured to the second.
 
 # %%
 # %%writefile ch01_tasks.py
@@ -98,7 +103,9 @@ assert not r.exists(f"celery-task-meta-{result.id}"), "no result yet: nobody ran
 assert result.state == "PENDING" and ch01_tasks.app.AsyncResult("no-such-task").state == "PENDING"
 
 # %% [markdown]
-# `_kombu.binding.celery` is kombu's routing table for the exchange (a set). The message itself
+# `_kombu.binding.celery` is kombu's routing table for the exchange `celery` (a set: which
+# queues a message sent to that exchange with which routing key goes to; `_kombu.binding.*` keys
+# stay after the queue is empty, and have no expiry). The message itself
 # sits in the list. Read it *without consuming it*: `LINDEX celery -1` is the oldest message, the
 # one a worker would take next (producers push on the left, workers pop on the right).
 
@@ -108,7 +115,8 @@ print(json.dumps({k: v for k, v in envelope.items() if k != "body"}, indent=1)[:
 
 # %% [markdown]
 # The **headers** say what to run (`task`, `id`, `retries`, `eta`, ...), the **properties** how it
-# was delivered. The **body** is base64 of JSON: `[args, kwargs, embed]`. Notice what is *not*
+# was delivered. The **body** is base64 of JSON: `[args, kwargs, embed]`, where `embed` carries
+# what Celery attaches to a call (`callbacks`, `errbacks`, `chain`, `chord`). Notice what is *not*
 # there: no enqueue time. (Chapter 7 adds one to measure queue lag.)
 
 # %%
