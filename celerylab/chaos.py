@@ -4,8 +4,8 @@ Lab task code gets its client here (``db = chaos.connect(url)``). It behaves exa
 ``redis.Redis`` until a checker arms it, through keys in the same Redis, for one JOB: the first
 argument of the Celery task that is running (a payment id, say):
 
-    crash      SIGKILL the process right AFTER the first write command (or pipeline/transaction
-               batch that writes) the job sends, once: what the OOM killer can do between two
+    crash      SIGKILL the process right AFTER the job's k-th write command (or pipeline/
+               transaction batch that writes), once: what the OOM killer can do between any two
                writes. A Lua script is one command and a MULTI/EXEC transaction runs all or none
                of its commands, so neither is split (a plain pipeline is one batch here too).
     lockstep   every command the job sends waits until the other delivery of the same job has
@@ -13,11 +13,14 @@ argument of the Celery task that is running (a payment id, say):
                command by command, so a check-then-write race shows every time, not by luck.
 
 Commands on ``unwatched_keys`` (a given helper's own log, say) and commands sent outside a task
-are never watched. Every watched command is logged (``log``), so a checker can tell when the
-answer wrote through a client of its own instead.
+are never watched. Every watched command is logged before it is sent (``log``), so a checker can
+tell when the answer wrote through a client of its own instead, and every write that succeeded is
+logged once it has (``writes``: how many writes one run of a job makes, so a checker knows where
+it can crash the next one; a write that raised, such as an EVALSHA the server answered NOSCRIPT,
+is not counted).
 
 Used by Lab 4 (exactly-once payments); the checker side is ``arm_crash`` / ``arm_lockstep`` /
-``crashes`` / ``met`` / ``log``.
+``crashes`` / ``met`` / ``log`` / ``writes``.
 """
 
 from __future__ import annotations
@@ -147,9 +150,14 @@ class ChaosRedis(redis.Redis):
             return
         payment, task_id = job
         ctl = self._control()
-        if ctl.delete(PREFIX + "crash:" + payment):  # armed for this job: fire, once
+        nth = ctl.rpush(PREFIX + "writes:" + payment, json.dumps(
+            {"task": task_id, "pid": os.getpid(), "commands": names}))
+        armed_at = ctl.get(PREFIX + "crash:" + payment)
+        # armed for this job's nth write (counted over its deliveries): fire, once
+        if armed_at is not None and nth >= int(armed_at) and ctl.delete(PREFIX + "crash:" + payment):
             ctl.rpush(PREFIX + "crashes", json.dumps(
-                {"job": payment, "task": task_id, "pid": os.getpid(), "after": names}))
+                {"job": payment, "task": task_id, "pid": os.getpid(), "after": names,
+                 "write": nth}))
             os.kill(os.getpid(), signal.SIGKILL)
 
     # redis.Redis -----------------------------------------------------------------------------
@@ -214,9 +222,12 @@ def connect(url: str, unwatched_keys=(), **kwargs) -> ChaosRedis:
 
 
 # the checker's side ---------------------------------------------------------------------------
-def arm_crash(r: redis.Redis, job: str) -> None:
-    """SIGKILL the process right after the first write the job ``job`` makes (once)."""
-    r.set(PREFIX + "crash:" + job, 1)
+def arm_crash(r: redis.Redis, job: str, after: int = 1) -> None:
+    """SIGKILL the process right after the job ``job``'s write number ``after`` (1 = its first
+    write; counted over all its deliveries, so arm it before the job runs), once."""
+    if after < 1:
+        raise ValueError(f"after must be 1 or more, not {after}")
+    r.set(PREFIX + "crash:" + job, after)
 
 
 def armed(r: redis.Redis, job: str) -> bool:
@@ -230,7 +241,8 @@ def arm_lockstep(r: redis.Redis, job: str) -> None:
 
 
 def crashes(r: redis.Redis, job: str | None = None) -> list[dict]:
-    """The crashes that fired: job, task id, pid, and the command(s) the process died after."""
+    """The crashes that fired: job, task id, pid, the command(s) the process died after, and
+    which write of the job that was (``write``, from 1)."""
     fired = [json.loads(x) for x in r.lrange(PREFIX + "crashes", 0, -1)]
     return [c for c in fired if job is None or c["job"] == job]
 
@@ -243,3 +255,9 @@ def met(r: redis.Redis, job: str) -> set[int]:
 def log(r: redis.Redis, job: str) -> list[dict]:
     """Every watched command (or batch) the job sent: task id, pid, command names."""
     return [json.loads(x) for x in r.lrange(PREFIX + "log:" + job, 0, -1)]
+
+
+def writes(r: redis.Redis, job: str) -> list[dict]:
+    """Every write (command or batch) the job sent that succeeded, in order: task id, pid,
+    command names."""
+    return [json.loads(x) for x in r.lrange(PREFIX + "writes:" + job, 0, -1)]

@@ -17,18 +17,29 @@
 #    is the common crash: the worker main process survives, notices that its child died, and
 #    decides what becomes of the message. Chapter 4's "Five crashes" table showed that the
 #    acknowledgement mode alone does not decide it;
-# 3. it **may SIGKILL the process between any two writes your payment makes to Redis**, like the
-#    OOM killer could: right after your first write, before your second. It does it through
-#    `db`, the Redis client the module gets from the course (it is a `redis.Redis` in every other
-#    respect), so write through `db`. A Lua script is one command, and a MULTI/EXEC transaction
-#    runs all its queued commands or none, so neither is split (a plain pipeline is treated as one
-#    batch too);
+# 3. it **SIGKILLs the process between two writes your payment makes to Redis**, like the OOM
+#    killer could, and it does it at every place there is: it counts the writes one payment of
+#    yours makes, then runs that many other payments, each killed right after a different write
+#    (the first, the second, ...; up to the sixth). It does it through `db`, the Redis client the
+#    module gets from the course (it is a `redis.Redis` in every other respect), so write through
+#    `db`. A Lua script is one command, and a MULTI/EXEC transaction runs all its queued commands
+#    or none, so neither is split (a plain pipeline is treated as one batch too);
 # 4. it delivers **one payment twice at the same moment** to two processes, and runs the two
 #    copies **in lockstep**: each Redis command one copy sends through `db` waits until the other
 #    copy has reached the same command, so any gap between a check and a write shows;
-# 5. it **sends a payment again** after it was applied (a client retrying its request);
+# 5. it **sends a payment again** after it was applied (a client retrying its request: a
+#    duplicate), and sends **two different payments of the same amount to one account** (two
+#    payment ids: not duplicates);
 #
 # and counts every cent in the `balances` hash.
+#
+# How long must a payment be remembered? At least as long as a redelivery can take: a message
+# comes back after the broker's visibility timeout, an hour by default (and in this lab), and a
+# client may re-send a payment later still. The checker can only look at the TTLs of your keys
+# (it fails a memory that expires within the hour); it cannot see an expiry built into the data
+# itself, such as a "recent payments" set trimmed to the last minute, or a list capped at 100
+# entries. Those forget a payment just as surely in production, so don't rely on the checker
+# there: keep the memory for at least the visibility timeout.
 #
 # Hints from Chapter 4: which acknowledgement mode survives a crash, and what does Celery do with
 # the message of a task whose process died? How does a task recognise a payment it already

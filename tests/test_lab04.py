@@ -51,6 +51,12 @@ VARIANTS = {
             except WatchError:
                 continue"""),
     ],
+    # results ignored: outcomes must come from the worker, not the result backend
+    "ignore_result": [(TASK, "@app.task(ignore_result=True)\ndef apply_payment")],
+    # more writes than the checker crashes after (7 audit entries, then the script): it says so
+    "7 audit writes, then the script": [(CREDIT, """for step in range(7):
+        db.rpush(f"audit:{payment_id}", step)
+    """ + CREDIT)],
     # a Lua script checking set membership; the settings on the task instead of the app
     "lua set + task options": [
         (ACKS_LATE, "pass"),
@@ -89,6 +95,39 @@ return redis.call('HINCRBY', KEYS[2], ARGV[3], ARGV[1])
     "HINCRBY, then SET NX (undo if taken)": [(CREDIT, """db.hincrby("balances", account, amount_cents)
     if not db.set(f"payment:{payment_id}", 1, nx=True, ex=7 * 24 * 3600):
         db.hincrby("balances", account, -amount_cents)""")],
+    # idempotency keyed on the account: every payment so far went to an account of its own
+    "keyed by account": [(CREDIT, CREDIT.replace("payment:{payment_id}", "credited:{account}"))],
+    # a lock around check, credit and mark: a duplicate waits, but a crash between the credit
+    # (write #2, after the lock's SET) and the mark leaves no mark, and the lock expires
+    "lock, then SISMEMBER, HINCRBY, SADD": [(CREDIT, """with db.lock(f"lock:{payment_id}", timeout=5, blocking_timeout=30):
+        if not db.sismember("applied", payment_id):
+            db.hincrby("balances", account, amount_cents)
+            db.sadd("applied", payment_id)""")],
+    # a harmless first write hides SET NX, then HINCRBY (writes #2 and #3)
+    "RPUSH audit, then SET NX, then HINCRBY": [(CREDIT, """db.rpush("payments:audit", payment_id)
+    if db.set(f"payment:{payment_id}", 1, nx=True, ex=7 * 24 * 3600):
+        db.hincrby("balances", account, amount_cents)""")],
+    # the course's own key prefix, with a memory of 10 minutes
+    "celerylab: key, EX 600": [(CREDIT, CREDIT.replace("payment:{payment_id}", "celerylab:paid:{payment_id}")
+                                .replace("7 * 24 * 3600", "600"))],
+    # a memory that forgets by its data, not by a TTL: payments older than 60 s trimmed away
+    "recent payments trimmed to 60 s": [
+        (SCRIPT, '''CREDIT_ONCE = db.register_script("""
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[2] - 60)
+if redis.call('ZADD', KEYS[1], 'NX', ARGV[2], ARGV[4]) == 1 then
+    return redis.call('HINCRBY', KEYS[2], ARGV[3], ARGV[1])
+end
+return false
+""")'''),
+        (CREDIT, 'CREDIT_ONCE(keys=["payments:recent", "balances"],\n'
+                 "                args=[amount_cents, time.time(), account, payment_id])"),
+    ],
+    # a child's death is only in the result backend, and results are not stored
+    "ignore_result, acks_late alone": [
+        (REJECT, "pass"), (TASK, "@app.task(ignore_result=True)\ndef apply_payment")],
+    "raises, results ignored": [
+        (CREDIT, 'db.hincrby("balances", acount, amount_cents)'),
+        (TASK, "@app.task(ignore_result=True)\ndef apply_payment")],
     "a client of its own": [
         (IMPORTS, IMPORTS + "\nimport redis\n"),
         ("CREDIT_ONCE = db.register_script(",
@@ -112,18 +151,33 @@ def lab04_module(variant: str) -> str:
     ("solution", None),
     ("watch-multi + retry on worker lost", None),
     ("lua set + task options", None),
+    ("ignore_result", None),
+    ("7 audit writes, then the script", None),
     ("stub", "NotImplementedError"),
     ("early ack", "message is gone"),
     ("acks_late alone", "pay-G was lost: its pool process was SIGKILLed"),
     ("raises", "apply_payment failed for pay-A: NameError"),
+    ("raises, results ignored", "apply_payment failed for pay-A: NameError"),
     ("not idempotent", "acct-A holds 2000"),
     ("memory expires in 2 s", r"`payment:pay-A` is gone in [0-2] s"),
     ("keyed by task id", "the client sent pay-E twice"),
     ("GET, then HINCRBY, then SET", "acct-F holds 120.*both copies credited it"),
     ("GET, then MULTI/EXEC of SET + HINCRBY", "acct-F holds 120.*both copies credited it"),
-    ("SET NX, then HINCRBY", r"pay-H was lost.*first write \(SET\).*ran again, and was not"),
+    ("SET NX, then HINCRBY", r"pay-H1 was lost.*write #1 \(SET\).*ran again and was not credited"),
     ("HINCRBY, then SET NX (undo if taken)",
-     r"acct-H holds 16000.*first write \(HINCRBY\).*credited again"),
+     r"acct-H1 holds 16000.*credited twice.*write #1 \(HINCRBY\)"),
+    ("RPUSH audit, then SET NX, then HINCRBY",
+     r"pay-H2 was lost.*write #2 \(SET\).*ran again and was not credited"),
+    ("lock, then SISMEMBER, HINCRBY, SADD",
+     r"acct-H2 holds 16000.*credited twice.*write #2 \(HINCRBY\)"),
+    ("keyed by account", "two different payments to one account, and one was dropped: pay-C"),
+    ("celerylab: key, EX 600", r"`celerylab:paid:pay-A` is gone in \d+ s"),
+    ("ignore_result, acks_late alone",
+     r"pay-G was lost.*message is gone from Redis.*results are not stored: ignore_result"),
+    pytest.param("recent payments trimmed to 60 s", "remembers payments",
+                 marks=pytest.mark.xfail(strict=True, reason=(
+                     "known limit: the checker reads key TTLs only, an expiry built into the "
+                     "data is invisible to it (the lab text says how long to remember)"))),
     ("a client of its own", "pay-F sent no command through the module's `db`"),
 ])
 def test_lab04_checker(stack, tmp_path, monkeypatch, capsys, variant, hint):
@@ -133,7 +187,9 @@ def test_lab04_checker(stack, tmp_path, monkeypatch, capsys, variant, hint):
         check_lab04(stack)
         out = capsys.readouterr().out
         assert "Lab 4 passed" in out
-        assert "lockstep: credited once" in out and "first write" in out
+        assert "lockstep: credited once" in out and "killed right after" in out
+        if variant == "7 audit writes, then the script":
+            assert "makes 8 writes: the checker tried the first 6 only" in out
     else:
         with pytest.raises(LabCheckFailed, match=hint):
             check_lab04(stack)
