@@ -117,6 +117,12 @@ def soak(runs: int, hogs: int = 0, pytest_args=()) -> int:
                         if re.search(r"\d+ (passed|failed)", line)), "no summary")
         failed = sorted(set(re.findall(r"^(?:FAILED|ERROR) (\S+)", out, re.M)))
         results.append(proc.returncode == 0)
+        if proc.returncode:  # keep the whole output of a failing run
+            from celerylab.processes import home
+            log = home() / "soak" / f"run-{time.strftime('%Y%m%d-%H%M%S')}-{n}.log"
+            log.parent.mkdir(parents=True, exist_ok=True)
+            log.write_text(out)
+            failed.append(f"(full output: {log})")
         print(f"run {n}: {'PASS' if proc.returncode == 0 else 'FAIL'}  {took:6.0f} s  {summary}",
               flush=True)
         for test in failed:
