@@ -101,7 +101,8 @@ def soak(runs: int, hogs: int = 0, pytest_args=()) -> int:
     print(f"# soak: {runs} run(s) of the whole suite, {hogs} busy-loop process(es) beside it "
           f"({os.cpu_count()} cores)", flush=True)
     for n in range(1, runs + 1):
-        busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(hogs)]
+        from celerylab.reference import busy_loop
+        busy = [busy_loop() for _ in range(hogs)]
         t0 = time.monotonic()
         try:
             proc = subprocess.run([sys.executable, "-m", "celerylab", "test", "-q", "-p",

@@ -11,6 +11,16 @@ import json
 import subprocess
 import sys
 
+# A busy loop for load tests (the suite's `hog` fixture, `./course bench --soak N --hog K`): it
+# spins on the CPU and ends by itself when the process that started it is gone.
+_BUSY_LOOP = "import os, sys\nparent = int(sys.argv[1])\nwhile os.getppid() == parent:\n    pass\n"
+
+
+def busy_loop():
+    """Start one busy-loop process (a subprocess.Popen); it dies with this process."""
+    import os
+    return subprocess.Popen([sys.executable, "-c", _BUSY_LOOP, str(os.getpid())])
+
 # One burn: the same pure-Python loop as the CPU-bound tasks of chapter 2 and lab 2.
 _BURNER = """
 import json, sys, time

@@ -130,3 +130,13 @@ def test_a_real_jupyter_kernel_killed_mid_notebook_leaves_nothing(tasks_module, 
     finally:
         kc.stop_channels()
         km.shutdown_kernel(now=True)
+
+
+def test_a_busy_loop_ends_with_the_process_that_started_it():
+    """The load tests' busy loop (the hog fixture, bench --soak --hog) never outlives its parent,
+    even when the parent is killed before it can clean up."""
+    code = ("from celerylab.reference import busy_loop; import os, signal; "
+            "print(busy_loop().pid, flush=True); os.kill(os.getpid(), signal.SIGKILL)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout
+    hog = int(out.split()[0])
+    assert wait_gone([hog], timeout=5) == [], "the busy loop outlived its parent"
