@@ -79,6 +79,14 @@ def hungry(mb):
 
 
 @app.task
+def spike(mb):
+    """Uses `mb` MiB for a moment, then frees it: the child's current size falls back."""
+    block = bytearray(b"\x01") * (mb * 1024 * 1024)
+    del block
+    return os.getpid()
+
+
+@app.task
 def peak_rss_kib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
 
@@ -224,13 +232,17 @@ stack.stop_workers()
 
 # %% [markdown]
 # CPU-bound work scales with *processes* (each runs on a core of its own when one is free; a
-# process running pure-Python code uses at most one, since its threads share one GIL). I/O-bound work scales with *concurrency* of any kind, and threads are the
-# cheap way to wait on many things at once. Measure your own tasks before picking.
+# process running pure-Python code uses at most one, since its threads share one GIL). I/O-bound
+# work scales with *concurrency* of any kind, and threads are the cheap way to wait on many things
+# at once. Measure your own tasks before picking.
 #
 # ## Child recycling
 #
 # Long-lived children accumulate leaks. `--max-tasks-per-child 2` replaces a child after two tasks;
-# `--max-memory-per-child` (KiB) replaces it *after the task that crossed the limit* finishes.
+# `--max-memory-per-child` (KiB) replaces it *after the task that crossed the limit* finishes. The
+# limit is compared with the child's **peak** resident size (`ru_maxrss`, in billiard's
+# `compat.py`), not its current size: a task that used a lot of memory and freed it still gets
+# its child replaced.
 
 # %%
 recycled = stack.worker("ch02_tasks", name="recycled", concurrency=1, queues=["recycled"],
@@ -252,6 +264,12 @@ print(f"baseline {baseline / 1024:.0f} MiB, cap {capped.extra_args[1]} KiB; pids
       f" hungry ran on {ate}, next task on {after}")
 assert before == ate, "the hungry task ran on the same child"
 assert after != ate, "the child was replaced after the task that crossed the cap"
+
+# %%
+spiked = ch02_tasks.spike.apply_async((100,), queue="capped").get(timeout=20)
+next_child = ch02_tasks.whoami.apply_async(queue="capped").get(timeout=20)
+print(f"spike (100 MiB, freed before it returned) ran on {spiked}; next task on {next_child}")
+assert spiked == after and next_child != spiked, "freed memory did not save it: the peak counts"
 stack.stop_workers()
 
 # %% [markdown]
@@ -259,7 +277,8 @@ stack.stop_workers()
 #
 # A **soft** limit raises `SoftTimeLimitExceeded` inside the task, which can clean up and return.
 # A **hard** limit does not ask: the child is killed and replaced, and the result backend records a
-# failure. Both need the prefork pool.
+# failure. The soft limit needs the prefork pool; the hard limit is enforced by prefork (and by
+# gevent), not by the threads or solo pools.
 
 # %%
 limited = stack.spawn_worker("ch02_tasks", name="limited", concurrency=1, queues=["limits"])
