@@ -116,8 +116,12 @@ print(json.dumps({k: v for k, v in envelope.items() if k != "body"}, indent=1)[:
 # %% [markdown]
 # The **headers** say what to run (`task`, `id`, `retries`, `eta`, ...), the **properties** how it
 # was delivered. The **body** is base64 of JSON: `[args, kwargs, embed]`, where `embed` carries
-# what Celery attaches to a call (`callbacks`, `errbacks`, `chain`, `chord`). Notice what is *not*
-# there: no enqueue time. (Chapter 7 adds one to measure queue lag.)
+# what Celery attaches to a call (`callbacks`, `errbacks`, `chain`, `chord`). Notice what Celery
+# does *not* put there: an enqueue time. The `celerylab_sent_at` header printed above is not
+# Celery's: it is the course's recorder (`celerylab.recording`, a `before_task_publish` signal
+# handler) stamping each message as it is published, so the lessons can measure waits. Celery
+# itself has no need for one (it routes and runs messages; measuring queue lag is left to you),
+# and chapter 7 builds on this stamp to watch lag over time.
 
 # %%
 args, kwargs, embed = json.loads(base64.b64decode(envelope["body"]))
@@ -127,6 +131,7 @@ assert headers["task"] == "ch01_tasks.add" and headers["id"] == result.id
 assert args == [2, 3] and kwargs == {}
 assert envelope["content-type"] == "application/json"
 assert envelope["properties"]["body_encoding"] == "base64"
+assert "celerylab_sent_at" in headers, "the course's recorder stamped it"
 
 # %% [markdown]
 # ## A worker takes it; the result lands in the backend
