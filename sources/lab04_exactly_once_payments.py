@@ -45,6 +45,11 @@
 # the message of a task whose process died? How does a task recognise a payment it already
 # applied, for how long must it remember, and why must that check and the credit happen in one
 # step?
+#
+# > **How to run this lab.** "Run All" stops at the first place you are meant to write (a cell
+# > that raises `NotImplementedError`): that is expected. Write your answer there and run that
+# > cell, then run the cells below it one by one; the **check** cell runs on its own and says
+# > what passed, or gives a hint. Solved version: `solutions/` in the course folder.
 
 # %%
 import celerylab
