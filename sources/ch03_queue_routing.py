@@ -278,6 +278,26 @@ assert lists == {"prio-demo": 2, r"prio-demo\x06\x163": 2, r"prio-demo\x06\x169"
 r.delete(*r.keys("prio-demo*"));
 
 # %% [markdown]
+# **The tie, live.** Five messages, sent in this order: priority 3, none, 2, none, 0. Then one
+# worker (one child, `acks_late`, prefetch 1: it takes one message at a time) starts on the queue.
+# Priorities 0 and 2 and "none" all sit in the bare list, so they come out first in first out, in
+# the order they were sent; priority 3 waits for all of them.
+
+# %%
+sent_order = {"priority 3": 3, "none (1st)": None, "priority 2": 2, "none (2nd)": None,
+              "priority 0": 0}
+tie = {label: ch03_tasks.job_late.apply_async((0.01,), queue="prio-tie", priority=p).id
+       for label, p in sent_order.items()}
+tie_worker = stack.spawn_worker("ch03_tasks", name="tie", queues=["prio-tie"], concurrency=1,
+                                prefetch_multiplier=1)
+runs = sorted(stack.wait_for(tie.values(), timeout=20), key=lambda a: a.started)
+tie_worker.stop()
+label_of = {task_id: label for label, task_id in tie.items()}
+ran = [label_of[a.id] for a in runs]
+print("ran in the order:", ran)
+assert ran == ["none (1st)", "priority 2", "none (2nd)", "priority 0", "priority 3"]
+
+# %% [markdown]
 # **Prefetch defeats priority.** A worker runs a 1 s task; four low-priority (9) tasks arrive,
 # then two high-priority (0) ones. With the default prefetch the worker has already *reserved*
 # the low ones: it runs them first, whatever their priority. With `acks_late` and a prefetch
