@@ -6,7 +6,12 @@
 # acknowledged**, and that choice trades one failure for another:
 #
 # * acknowledge early (Celery's default): a crash can **lose** the task: *at most once*;
-# * acknowledge late (`acks_late`): a crash can **repeat** the task: *at least once*.
+# * acknowledge late (`acks_late`): a crash can **repeat** the task: *at least once*. But only a
+#   crash of the **whole worker**: when just the pool child running the task is killed (what the
+#   OOM killer does), Celery acknowledges the message anyway and stores a failure, so `acks_late`
+#   alone still **loses** it. `task_reject_on_worker_lost=True` (its default is `None`, which
+#   behaves as `False`) or Celery 5.7's `task_retry_on_worker_lost` close that gap; the table
+#   below shows all of it.
 #
 # "Exactly once" is not on the menu. It is built from at-least-once delivery plus **idempotent**
 # tasks, which is what this chapter ends with. Every crash below is a real SIGKILL.
@@ -41,7 +46,7 @@ app.conf.update(
     result_serializer="json",
     accept_content=["json"],
     task_acks_late=False,  # the default; the tasks below choose for themselves
-    task_reject_on_worker_lost=False,  # the default
+    task_reject_on_worker_lost=None,  # the default (None behaves as False)
     worker_prefetch_multiplier=1,
     broker_connection_retry_on_startup=True,
     broker_transport_options={
