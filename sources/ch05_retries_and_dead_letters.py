@@ -84,6 +84,14 @@ def sync_capped(key):
     return flaky_call(key)
 
 
+@app.task(autoretry_for=(DependencyDown,), retry_backoff=0.5, retry_backoff_max=600,
+          retry_jitter=False, max_retries=2)
+def sync_half(key):
+    """retry_backoff=0.5 asks for 0.5, 1 s, but Celery's factor is int(max(1.0, 0.5)) = 1
+    (celery/app/autoretry.py): 1, 2 s."""
+    return flaky_call(key)
+
+
 @app.task(autoretry_for=(DependencyDown,), retry_backoff=1, retry_backoff_max=600,
           retry_jitter=True, max_retries=2)
 def sync_jitter(key):
@@ -113,27 +121,29 @@ def import_order(order):
 
 
 # %% [markdown]
-# ## Four retry policies, measured
+# ## Five retry policies, measured
 #
 # The dependency fails a set number of times per call (`fail:<key>`). Each policy gets a call
-# that fails 3 times (jitter: 2 times, eight calls), and one more `sync_manual` call that never
+# that fails 3 times (jitter: 2 times, eight calls; `sync_half`, whose `retry_backoff=0.5` Celery
+# truncates to a whole 1: 2 times), and one more `sync_manual` call that never
 # recovers. A retry is **a new message with an ETA**, published by the worker; the worker holds it
 # until it is due.
 
 # %%
 import ch05_tasks
 
-for key, failures in {"backoff": 3, "capped": 3, "manual": 3, "hopeless": 99}.items():
+for key, failures in {"backoff": 3, "capped": 3, "manual": 3, "hopeless": 99, "half": 2}.items():
     r.set(f"fail:{key}", failures)
 for i in range(8):
     r.set(f"fail:jitter-{i}", 2)
 
-worker = stack.spawn_worker("ch05_tasks", name="w1", concurrency=4)
+worker = stack.spawn_worker("ch05_tasks", name="w1", concurrency=6)
 calls = {
     "sync_backoff": ch05_tasks.sync_backoff.delay("backoff"),
     "sync_capped": ch05_tasks.sync_capped.delay("capped"),
     "sync_manual": ch05_tasks.sync_manual.delay("manual"),
     "sync_manual (never recovers)": ch05_tasks.sync_manual.delay("hopeless"),
+    "sync_half (retry_backoff=0.5)": ch05_tasks.sync_half.delay("half"),
 }
 jittered = [ch05_tasks.sync_jitter.delay(f"jitter-{i}") for i in range(8)]
 
@@ -177,7 +187,8 @@ def gaps(task_id):
 
 measured = {name: gaps(c.id) for name, c in calls.items()}
 formula = {"sync_backoff": [1, 2, 4], "sync_capped": [1, 2, 2], "sync_manual": [0.2, 0.4, 0.8],
-           "sync_manual (never recovers)": [0.2, 0.4, 0.8, 1.6]}
+           "sync_manual (never recovers)": [0.2, 0.4, 0.8, 1.6],
+           "sync_half (retry_backoff=0.5)": [1, 2]}  # the factor is truncated to a whole 1
 plots.table([{"policy": name, "measured gaps (s)": measured[name], "formula (s)": formula[name],
               "outcome": stack.outcome(calls[name].id)} for name in calls])
 
@@ -194,7 +205,8 @@ for name, expected in formula.items():
     assert len(measured[name]) == len(expected), (name, measured[name])
     for got, want in zip(measured[name], expected, strict=True):
         assert want - 0.1 <= got <= want + slack, (name, measured[name])
-assert [stack.outcome(c.id) for c in calls.values()] == ["SUCCESS", "SUCCESS", "SUCCESS", "FAILURE"]
+assert [stack.outcome(c.id) for c in calls.values()] == [
+    "SUCCESS", "SUCCESS", "SUCCESS", "FAILURE", "SUCCESS"]
 assert isinstance(calls["sync_manual (never recovers)"].result, ch05_tasks.DependencyDown), \
     "when retries run out, the original exception is raised"
 
@@ -212,6 +224,10 @@ print(jitter_gaps)
 assert all(stack.outcome(j.id) == "SUCCESS" for j in jittered)
 assert all(len(g) == 2 and g[0] <= 1 + slack and g[1] <= 2 + slack for g in jitter_gaps)
 assert len({tuple(round(x) for x in g) for g in jitter_gaps}) > 1, "not all in lockstep"
+# Whole seconds: with a 1 s first step, the callers' first retries come in two waves, not a spread.
+waves = {0: sum(g[0] <= 0.5 for g in jitter_gaps), 1: sum(g[0] > 0.5 for g in jitter_gaps)}
+print(f"first retry after ~0 s: {waves[0]} callers, after ~1 s: {waves[1]} callers")
+assert all(g[0] <= slack or 0.9 <= g[0] <= 1 + slack for g in jitter_gaps), "two waves: 0 or 1 s"
 
 # %% [markdown]
 # One task's attempts over time: each dot is an attempt, at the time it started; the label is the
