@@ -45,11 +45,11 @@ assert stack.health()
 # A worker is *another process*: it cannot see functions defined in this notebook. Task code lives
 # in a module both sides import. The cell below writes `ch00_tasks.py` next to this notebook. Every
 # setting this chapter relies on is written out, even where it equals Celery's default: explicit
-# defaults are the first habit of reliable background work. Two of them need a word now (chapters
-# 4 and 6 measure them): a worker **acknowledges** a message to tell the broker it may forget it
-# (here as soon as a pool child starts the task), and it **prefetches**: takes messages from the
-# broker ahead of time, holding up to `worker_prefetch_multiplier` × the number of children that
-# it has not acknowledged yet.
+# defaults are the first habit of reliable background work. Two of them need a word now (chapter 4
+# measures the first, chapter 3 shows the second at work): a worker **acknowledges** a message to
+# tell the broker it may forget it (here as soon as a pool child starts the task), and it
+# **prefetches**: takes messages from the broker ahead of time, holding up to
+# `worker_prefetch_multiplier` × the number of children that it has not acknowledged yet.
 
 # %%
 # %%writefile ch00_tasks.py

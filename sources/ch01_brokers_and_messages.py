@@ -121,7 +121,7 @@ print(json.dumps({k: v for k, v in envelope.items() if k != "body"}, indent=1)[:
 # Celery's: it is the course's recorder (`celerylab.recording`, a `before_task_publish` signal
 # handler) stamping each message as it is published, so the lessons can measure waits. Celery
 # itself has no need for one (it routes and runs messages; measuring queue lag is left to you),
-# and chapter 7 builds on this stamp to watch lag over time.
+# and the course's queue-lag lessons build on this stamp.
 
 # %%
 args, kwargs, embed = json.loads(base64.b64decode(envelope["body"]))

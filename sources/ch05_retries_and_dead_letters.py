@@ -394,7 +394,7 @@ if rabbit_ok:
 # RabbitMQ keeps the dead letter *with its original headers and body*, plus `x-death`: replay is
 # publishing it back to the original exchange. On Redis you build the same thing yourself, as
 # above; either way, a dead-letter queue nobody watches is just a slower way to lose messages
-# (Chapter 7 watches queues).
+# (watch the dead-letter list's length like any queue's).
 #
 # ## Lab 5
 #
