@@ -91,6 +91,7 @@ class RedisServer:
     rundir: Path
     port: int = 0
     appendonly: bool = False
+    save: str | None = ""  # "" = no RDB snapshots (the course's broker); None = redis-server's default
     group: ProcessGroup | None = None
     binary: str = ""
     source: str = ""
@@ -116,7 +117,8 @@ class RedisServer:
         self.rundir.mkdir(parents=True, exist_ok=True)
         log = self.rundir / f"redis-{self.port}.log"
         cmd = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
-               "--protected-mode", "yes", "--save", "", "--dir", str(self.rundir),
+               "--protected-mode", "yes", *(["--save", self.save] if self.save is not None else []),
+               "--dir", str(self.rundir), "--dbfilename", f"dump-{self.port}.rdb",
                "--appendonly", "yes" if self.appendonly else "no",
                "--appendfilename", f"appendonly-{self.port}.aof",
                "--appendfsync", "always", "--maxmemory-policy", "noeviction",
@@ -149,9 +151,13 @@ class RedisServer:
         if self.group:
             self.group.stop(timeout=3)
 
-    def restart(self, watchdog=None) -> RedisServer:
-        """Stop (SIGTERM, no save: persistence is what it is) and start again on the same port."""
-        self.stop()
+    def restart(self, watchdog=None, crash: bool = False) -> RedisServer:
+        """Stop and start again on the same port: a clean shutdown (SIGTERM: redis-server saves an
+        RDB snapshot first when it has save points) or, with ``crash``, SIGKILL (nothing saved)."""
+        if crash and self.group:
+            self.group.kill()
+        else:
+            self.stop()
         return self.start(watchdog=watchdog)
 
 

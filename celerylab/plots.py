@@ -110,11 +110,20 @@ def latency_distributions(series: dict[str, list[float]], title: str, unit: str 
 
 
 def bars(values: dict[str, float], title: str, ylabel: str, ax=None):
-    ax = ax or plt.subplots(figsize=(6, 3))[1]
-    ax.bar(list(values), list(values.values()), color="tab:blue")
-    for i, v in enumerate(values.values()):
-        ax.annotate(f"{v:.3g}", (i, v), ha="center", va="bottom", fontsize=9)
-    ax.set_ylabel(ylabel)
+    """One bar per entry, its value written on it (horizontal when the labels are long)."""
+    wide = max(len(k) for k in values) > 14
+    ax = ax or plt.subplots(figsize=(6, 0.5 * len(values) + 1.2 if wide else 3))[1]
+    if wide:
+        ax.barh(list(values), list(values.values()), color="tab:blue")
+        ax.invert_yaxis()  # first entry on top, as written
+        for i, v in enumerate(values.values()):
+            ax.annotate(f" {v:.3g}", (v, i), ha="left", va="center", fontsize=9)
+        ax.set_xlabel(ylabel)
+    else:
+        ax.bar(list(values), list(values.values()), color="tab:blue")
+        for i, v in enumerate(values.values()):
+            ax.annotate(f"{v:.3g}", (i, v), ha="center", va="bottom", fontsize=9)
+        ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.figure.tight_layout()
     return ax

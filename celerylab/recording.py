@@ -138,8 +138,8 @@ def attempts(client: redis.Redis, ids=None) -> list[Attempt]:
 
     A ``sent`` event opens a new attempt (a retry is a new message); a ``received`` with no attempt
     waiting for it is a redelivery, and opens one too. ``started`` and ``finished`` belong to the
-    latest attempt still waiting for them: a retry's ``sent`` is recorded *before* the attempt that
-    publishes it finishes.
+    latest attempt still waiting for them (a ``finished`` first to the one its process started):
+    a retry's ``sent`` is recorded *before* the attempt that publishes it finishes.
     """
     wanted = set(ids) if ids is not None else None
     per_task: dict[str, list[Attempt]] = {}
@@ -161,7 +161,12 @@ def attempts(client: redis.Redis, ids=None) -> list[Attempt]:
         elif kind == "started":
             a = latest(runs, lambda x: x.started is None)
         else:
-            a = latest(runs, lambda x: x.started is not None and x.finished is None) or \
+            # the attempt this process started (two copies of one task can run at once: a
+            # redelivery past the visibility timeout), else the latest still running
+            me = (e.get("pid"), e.get("host"))
+            a = latest(runs, lambda x, me=me: x.started is not None and x.finished is None
+                       and (x.pid, x.host) == me) or \
+                latest(runs, lambda x: x.started is not None and x.finished is None) or \
                 latest(runs, lambda x: x.finished is None)
         if a is None:
             a = Attempt(id=tid, name=e.get("name") or "", retries=e.get("retries", 0))

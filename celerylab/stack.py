@@ -235,9 +235,10 @@ class Stack:
         print(f"no worker named {name!r} in this notebook")
 
     @contextmanager
-    def scratch_redis(self, appendonly: bool = False):
-        """A throwaway redis-server of the course's own, for experiments that restart a broker."""
-        server = RedisServer(self.rundir / "scratch", appendonly=appendonly)
+    def scratch_redis(self, appendonly: bool = False, save: str | None = ""):
+        """A throwaway redis-server of the course's own, for experiments that restart a broker.
+        ``save=None`` keeps redis-server's default save points (RDB snapshots)."""
+        server = RedisServer(self.rundir / "scratch", appendonly=appendonly, save=save)
         server.start(watchdog=self.watchdog)
         try:
             yield server

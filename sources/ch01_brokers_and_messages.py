@@ -4,8 +4,8 @@
 # A broker is not magic: with Redis it is a handful of lists, hashes and sets. Knowing exactly what
 # sits in Redis, and when, is how you reason about lost and duplicated work later. In this chapter
 # you will look at a message in Redis before any worker exists, decode it, watch what a worker holds
-# while it runs a task, see a message come back after its worker vanished, and restart the broker
-# with and without persistence.
+# while it runs a task, see a message come back after its worker vanished (and while its task
+# still ran), and restart the broker cleanly and by a crash, with and without persistence.
 
 # %%
 import base64
@@ -208,38 +208,96 @@ assert second.started - first.received >= 5 * 0.95, "not before the visibility t
 assert second.started - first.received < 5 + 10, "and soon after it"
 
 # %% [markdown]
-# This is also why the default one-hour timeout matters: a task that runs (or waits, with a
-# countdown) longer than the visibility timeout is delivered *again* while the first copy still
-# runs. Chapter 4 shows that pitfall and what to do about it.
+# ## A task that runs longer than the visibility timeout
 #
-# ## Broker restart: persistence decides what survives
-#
-# The course's Redis runs with persistence off, which is fine for a classroom and wrong for
-# production. Below, a scratch Redis of the course's own gets 10 messages and is restarted,
-# once with persistence off and once with the append-only file (AOF, `appendfsync always`) on.
+# Nothing needs to crash for the timeout to act: kombu cannot tell a dead worker from a slow task.
+# Whether a long task is delivered again depends on *when* its message is acknowledged. Under
+# `acks_late` the message stays in `unacked` while the task runs, so after 5 s the sweep puts it
+# back and another child starts a second copy *while the first still runs*. Under early ack the
+# message was acknowledged when the task started: there is nothing left to restore. Both run 7 s
+# side by side here, on a worker with three children (queue `long`).
 
 # %%
-def restart_with_queued(appendonly, n=10):
-    with stack.scratch_redis(appendonly=appendonly) as scratch:
+long_worker = stack.spawn_worker("ch01_tasks", name="w3", queues=("long",), concurrency=3,
+                                 prefetch_multiplier=1)
+late_long = ch01_tasks.hold.apply_async((7,), queue="long")
+early_long = ch01_tasks.hold_early.apply_async((7,), queue="long")
+early_long.get(timeout=30)
+
+
+def both_copies_finished():
+    runs = stack.records([late_long.id])
+    return runs if len(runs) == 2 and all(a.finished for a in runs) else None
+
+
+late_runs = stack.wait_until(both_copies_finished, timeout=20, what="both copies to finish")
+early_runs = stack.records([early_long.id])
+plots.table(late_runs + early_runs)
+print("stored result:", late_long.get(timeout=5))
+
+# %%
+assert len(early_runs) == 1, "early ack: acknowledged at start, never delivered again"
+assert len(late_runs) == 2 and late_runs[1].redelivered, "acks_late: delivered again..."
+assert late_runs[1].started < late_runs[0].finished, "...while the first copy was still running"
+assert [a.state for a in late_runs] == ["SUCCESS", "SUCCESS"], "both copies ran to the end"
+assert late_long.get() == {"redelivered": False}, "the backend kept the first copy's SUCCESS"
+
+# %% [markdown]
+# Both copies succeeded, yet the result backend shows only the first: Celery's backend does not
+# overwrite a stored SUCCESS (`celery/backends/base.py`), so the second copy's work is invisible
+# there, and any side effect it had happened twice.
+#
+# Two copies of one task ran at once: the default one-hour timeout is there so that this needs a
+# task (or a countdown, chapter 4) longer than an hour. Keep the timeout above your longest task
+# *and* your longest countdown; and a task that can be delivered twice must be safe to run twice
+# (chapter 4).
+#
+# ## Broker restart: what survives depends on how Redis persists, and how it stops
+#
+# The course's Redis runs with `--save ''` (no snapshots) and no append-only file: fine for a
+# classroom, wrong for production. A stock `redis-server` is different: its default **save
+# points** (`3600 1 300 100 60 10000`: snapshot after N seconds if at least M keys changed) also
+# make it write an RDB snapshot on a *clean* shutdown (SIGTERM, `SHUTDOWN`), and load it when it
+# starts. So a clean restart keeps queued messages even without AOF; a crash (SIGKILL, a power
+# cut) loses whatever the last snapshot missed, unless the append-only file (AOF) logged each
+# write (`appendfsync always` here; `everysec` may lose up to a second). Four scratch Redis
+# servers of the course's own each get 10 messages and are restarted:
+
+# %%
+def restart_with_queued(save, appendonly, crash, n=10):
+    """Queue n messages on a scratch Redis, restart it (SIGTERM, or SIGKILL if crash), count."""
+    with stack.scratch_redis(appendonly=appendonly, save=save) as scratch:
         with ch01_tasks.app.connection_for_write(scratch.url) as conn:
             for i in range(n):
                 ch01_tasks.add.apply_async((i, i), connection=conn)
         before = redis.Redis.from_url(scratch.url).llen("celery")
-        scratch.restart()
+        scratch.restart(crash=crash)
         after = redis.Redis.from_url(scratch.url).llen("celery")
     return before, after
 
 
-survival = {"persistence off": restart_with_queued(False), "AOF on": restart_with_queued(True)}
+DEFAULT_SAVE = None  # keep redis-server's own default save points
+survival = {
+    "default save points, clean restart": restart_with_queued(DEFAULT_SAVE, False, crash=False),
+    "--save '', clean restart": restart_with_queued("", False, crash=False),
+    "default save points, SIGKILL": restart_with_queued(DEFAULT_SAVE, False, crash=True),
+    "AOF always, SIGKILL": restart_with_queued("", True, crash=True),
+}
 for setting, (before, after) in survival.items():
-    print(f"{setting:16} queued before restart: {before:2}   after: {after:2}")
+    print(f"{setting:36} queued before: {before:2}   after: {after:2}")
 plots.bars({k: v[1] for k, v in survival.items()}, "Messages left after a broker restart",
            "messages");
 
 # %%
-assert survival["persistence off"] == (10, 0)
-assert survival["AOF on"] == (10, 10)
+assert survival["default save points, clean restart"] == (10, 10), "RDB written on shutdown"
+assert survival["--save '', clean restart"] == (10, 0)
+assert survival["default save points, SIGKILL"] == (10, 0), "no save point reached yet"
+assert survival["AOF always, SIGKILL"] == (10, 10)
 
+# %% [markdown]
+# For a production broker: AOF on (`appendonly yes`, `appendfsync everysec` or `always`), and
+# `maxmemory-policy noeviction`, so Redis refuses writes when full instead of evicting a queue.
+#
 # %% [markdown]
 # ## Try it: fill a queue
 #
