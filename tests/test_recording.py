@@ -43,3 +43,16 @@ def test_a_retry_sent_before_its_attempt_finishes(stack):
     got = attempts(stack.redis)
     assert [(a.sent, a.received, a.started, a.finished, a.state) for a in got] == [
         (0.0, 1.0, 2.0, 4.0, "RETRY"), (3.0, 5.0, 6.0, 7.0, "SUCCESS")]
+
+
+def test_two_copies_running_at_once_each_keep_their_own_finish(stack):
+    """A redelivery past the visibility timeout starts while the first copy still runs: the first
+    copy's finished event belongs to the process that started it, not to the latest attempt."""
+    push(stack,
+         ("sent", "c", {}), ("received", "c", {}), ("started", "c", {"pid": 11}),
+         ("received", "c", {"redelivered": True}), ("started", "c", {"pid": 12}),
+         ("finished", "c", {"pid": 11, "state": "SUCCESS"}),
+         ("finished", "c", {"pid": 12, "state": "SUCCESS"}))
+    got = attempts(stack.redis)
+    assert [(a.pid, a.started, a.finished, a.redelivered) for a in got] == [
+        (11, 2.0, 5.0, False), (12, 4.0, 6.0, True)]
