@@ -28,6 +28,7 @@ import os
 import resource
 import time
 
+import redis
 from celery import Celery
 from celery.exceptions import SoftTimeLimitExceeded
 
@@ -69,6 +70,12 @@ def crunch(n):
 def wait_io(seconds):
     """I/O-bound: waits (as on a network call) and uses no CPU."""
     time.sleep(seconds)
+
+
+@app.task
+def gated(gate):
+    """Blocks (up to 20 s) until a token is pushed onto the Redis list `gate`."""
+    redis.Redis.from_url(BROKER).blpop(gate, timeout=20)
 
 
 @app.task
@@ -142,6 +149,51 @@ assert [t["id"] for t in active] == [running.id] and active[0]["worker_pid"] in 
 running.get(timeout=10)
 
 # %% [markdown]
+# ## What a busy worker holds
+#
+# `prefetch_count` caps the messages a worker holds *unacknowledged*. Under early ack a message is
+# acknowledged when a child starts its task, so running tasks no longer count: a busy worker holds
+# 4 x 3 = 12 reserved messages **plus** the 3 it runs. A task with a countdown (an ETA) waits
+# inside the worker, not in Redis ("scheduled"), and the worker raises its prefetch count by one
+# for each, so ETA tasks are held on top of the 12. Below, 18 tasks block until the notebook
+# pushes tokens onto a Redis list (`gate`), and 2 tasks have a 10-minute countdown; then we count
+# what the worker says it holds, and what Redis says.
+
+# %%
+h = worker.hostname
+later = [ch02_tasks.whoami.apply_async(countdown=600) for _ in range(2)]
+blocked = [ch02_tasks.gated.delay("gate") for _ in range(18)]
+
+
+def settled():  # three running and the queue no longer shrinking
+    depth = r.llen("celery")
+    time.sleep(0.3)
+    return len(inspect.active()[h]) == 3 and r.llen("celery") == depth
+
+
+stack.wait_until(settled, 10, "the worker to fill its reserve")
+held = {"running (active)": len(inspect.active()[h]),
+        "reserved": len(inspect.reserved()[h]),
+        "scheduled (ETA)": len(inspect.scheduled()[h]),
+        "still in the Redis list": r.llen("celery"),
+        "HLEN unacked": r.hlen("unacked"),
+        "prefetch_count": inspect.stats()[h]["prefetch_count"]}
+r.rpush("gate", *["go"] * len(blocked))  # let them all finish
+stack.control.control.revoke([t.id for t in later])  # and drop the countdown tasks
+for name, n in held.items():
+    print(f"{name:24} {n}")
+
+# %%
+assert held["running (active)"] == 3 and held["reserved"] == 4 * 3, "12 reserved PLUS 3 running"
+assert held["scheduled (ETA)"] == 2 and held["prefetch_count"] == 4 * 3 + 2, "ETA on top"
+assert held["still in the Redis list"] == 18 - 3 - 12
+assert held["HLEN unacked"] == 12 + 2, "reserved and ETA messages are unacked; running ones not"
+assert all(res.get(timeout=20) is None for res in blocked)
+
+# %% [markdown]
+# So "prefetch 4 x concurrency" undercounts what one early-ack worker keeps from the others.
+# Chapter 6 counts the same under `acks_late` and measures what these numbers do to latency.
+#
 # ## Concurrency vs cores: the right pool depends on the work
 #
 # The same 16 CPU-bound tasks (`crunch`) and 16 I/O-bound tasks (`wait_io(0.1)`) run on four
