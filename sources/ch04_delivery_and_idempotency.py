@@ -10,8 +10,8 @@
 #   crash of the **whole worker**: when just the pool child running the task is killed (what the
 #   OOM killer does), Celery acknowledges the message anyway and stores a failure, so `acks_late`
 #   alone still **loses** it. `task_reject_on_worker_lost=True` (its default is `None`, which
-#   behaves as `False`) or Celery 5.7's `task_retry_on_worker_lost` close that gap; the table
-#   below shows all of it.
+#   behaves as `False`) or Celery 5.7's `task_retry_on_worker_lost` close that gap, each with its
+#   own risk for a *poison message*; the table below shows all of it.
 #
 # "Exactly once" is not on the menu. It is built from at-least-once delivery plus **idempotent**
 # tasks, which is what this chapter ends with. Every crash below is a real SIGKILL.
@@ -33,6 +33,7 @@ assert stack.health()
 """Chapter 4's tasks: the same work under different acknowledgement settings."""
 
 import os
+import signal
 import time
 
 import redis
@@ -47,6 +48,7 @@ app.conf.update(
     accept_content=["json"],
     task_acks_late=False,  # the default; the tasks below choose for themselves
     task_reject_on_worker_lost=None,  # the default (None behaves as False)
+    task_retry_on_worker_lost=False,  # the default (Celery 5.7)
     worker_prefetch_multiplier=1,
     broker_connection_retry_on_startup=True,
     broker_transport_options={
@@ -80,6 +82,23 @@ def ship_late_requeue(order_id, seconds):
     _ship(order_id, seconds)
 
 
+@app.task(acks_late=True, retry_on_worker_lost=True, max_retries=2, default_retry_delay=0)
+def ship_late_retry(order_id, seconds):
+    _ship(order_id, seconds)
+
+
+# A poison message: a payload that kills whichever child runs it (as one that always runs out of
+# memory would). Requeued on every death, or retried at most max_retries times.
+@app.task(acks_late=True, reject_on_worker_lost=True)
+def poison_requeue(order_id):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+@app.task(acks_late=True, retry_on_worker_lost=True, max_retries=2, default_retry_delay=0)
+def poison_retry(order_id):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 # Charging a card: the effect first, then a slow call (a receipt) during which we crash.
 @app.task(acks_late=True)
 def charge_naive(payment_id, account, amount):
@@ -90,6 +109,15 @@ def charge_naive(payment_id, account, amount):
 @app.task(acks_late=True)
 def charge_once(payment_id, account, amount, key_ttl):
     if db.set(f"idem:{payment_id}", 1, nx=True, ex=key_ttl):  # the first delivery wins
+        db.incrby(f"balance:{account}", amount)
+    time.sleep(1.5)
+
+
+@app.task(acks_late=True)
+def charge_once_split(payment_id, account, amount):
+    """SET NX, then INCRBY: two commands, and here a slow moment between them."""
+    if db.set(f"idem:{payment_id}", 1, nx=True, ex=86400):
+        time.sleep(1.5)  # a crash now leaves the key without the effect
         db.incrby(f"balance:{account}", amount)
     time.sleep(1.5)
 
@@ -128,13 +156,17 @@ VALIDATORS[refund.name] = check_refund
 
 
 # %% [markdown]
-# ## Five crashes
+# ## Six crashes, and a poison message
 #
 # Each case has its own queue and a one-child worker. A task that sleeps 1.5 s and then writes its
 # effect is started, and then we SIGKILL either **the pool child** running it (as the OOM killer
 # would) or **the whole worker** (main process and children, as a power cut would). Killed workers
 # are started again. Then we count: what the result backend says, where the message was right after
 # the crash, how many times the task started, and how many times its effect happened.
+#
+# Meanwhile, on a seventh worker (two children, queue `poison`), two *poison messages* run: tasks
+# that kill whichever child runs them, one requeued on every death (`reject_on_worker_lost`), one
+# retried (`retry_on_worker_lost`, `max_retries=2`).
 
 # %%
 import ch04_tasks
@@ -143,14 +175,19 @@ cases = [
     ("early ack", ch04_tasks.ship_early, "child"),
     ("acks_late", ch04_tasks.ship_late, "child"),
     ("acks_late + reject_on_worker_lost", ch04_tasks.ship_late_requeue, "child"),
+    ("acks_late + retry_on_worker_lost", ch04_tasks.ship_late_retry, "child"),
     ("early ack", ch04_tasks.ship_early, "worker"),
     ("acks_late", ch04_tasks.ship_late, "worker"),
 ]
 crash_workers = [stack.worker("ch04_tasks", name=f"case{i}", queues=[f"case{i}"], concurrency=1,
                               prefetch_multiplier=1) for i in range(len(cases))]
-stack.start_workers(*crash_workers)
+poison_worker = stack.worker("ch04_tasks", name="poison", queues=["poison"], concurrency=2,
+                             prefetch_multiplier=1)
+stack.start_workers(*crash_workers, poison_worker)
 jobs = [task.apply_async((f"order-{i}", 1.5), queue=f"case{i}")
         for i, (_, task, _) in enumerate(cases)]
+looping = ch04_tasks.poison_requeue.apply_async(("poison-1",), queue="poison")
+bounded = ch04_tasks.poison_retry.apply_async(("poison-2",), queue="poison")
 for job in jobs:
     stack.started(job.id)
 
@@ -175,8 +212,10 @@ print("right after the whole-worker kills:", after_crash)
 stack.start_workers(*(w for w in crash_workers if not w.alive));
 
 # %%
-expected_final = {0: "FAILURE", 1: "FAILURE", 2: "SUCCESS", 4: "SUCCESS"}  # case 3: see below
-stack.wait_until(lambda: all(jobs[i].state == s for i, s in expected_final.items()), 30,
+expected_final = {0: "FAILURE", 1: "FAILURE", 2: "SUCCESS", 3: "SUCCESS", 5: "SUCCESS",
+                  "bounded": "FAILURE"}  # case 4: see below
+finals = dict(enumerate(jobs), bounded=bounded)
+stack.wait_until(lambda: all(finals[k].state == s for k, s in expected_final.items()), 30,
                  "the crashed tasks to settle")
 events = read_events(r)
 rows = []
@@ -187,13 +226,36 @@ for i, ((setting, _, kill), job) in enumerate(zip(cases, jobs, strict=True)):
                  "effect applied": int(r.get(f"effect:order-{i}") or 0)})
 plots.table(rows)
 
+
+def starts_of(job):
+    return sum(e["event"] == "started" and e["id"] == job.id for e in read_events(r))
+
+
+poison = {"requeued on every death": (starts_of(looping), looping.state),
+          "retried, max_retries=2": (starts_of(bounded), bounded.state)}
+print("poison messages (runs started, backend state):", poison)
+
 # %%
-assert [row["effect applied"] for row in rows] == [0, 0, 1, 0, 1]
-assert [row["runs started"] for row in rows] == [1, 1, 2, 1, 2], rows
+assert [row["effect applied"] for row in rows] == [0, 0, 1, 1, 0, 1]
+assert [row["runs started"] for row in rows] == [1, 1, 2, 2, 1, 2], rows
 assert [row["backend state"] for row in rows] == [
-    "FAILURE", "FAILURE", "SUCCESS", "PENDING", "SUCCESS"]
-assert after_crash == {3: "gone", 4: "in unacked"}
+    "FAILURE", "FAILURE", "SUCCESS", "SUCCESS", "PENDING", "SUCCESS"]
+assert after_crash == {4: "gone", 5: "in unacked"}
 assert "signal 9" in str(jobs[1].result), "WorkerLostError: the child died"
+assert poison["retried, max_retries=2"] == (3, "FAILURE"), "1 run + 2 retries, then it gives up"
+assert poison["requeued on every death"][0] >= 2 and looping.state not in ("SUCCESS", "FAILURE")
+
+# %% [markdown]
+# The requeued poison message is still looping: it will kill a child forever. A loop like this
+# is stopped by hand: **revoke** the task id (the remote-control command every worker obeys; on
+# the command line `celery -A ch04_tasks control revoke <id>`): the worker then discards the
+# message when it comes back, and stores `REVOKED`.
+
+# %%
+stack.control.control.revoke(looping.id)
+stack.wait_until(lambda: looping.state == "REVOKED", 15, "the poison message to be discarded")
+print("poison message after revoke:", looping.state, "after", starts_of(looping), "deaths")
+assert looping.state == "REVOKED" and r.llen("poison") == 0
 stack.stop_workers()
 
 # %% [markdown]
@@ -206,12 +268,17 @@ stack.stop_workers()
 #    message*). `task_reject_on_worker_lost=True` (row 3) requeues it instead; Celery 5.7 also has
 #    `task_retry_on_worker_lost`, which re-sends it as a retry.
 # 3. **acks_late + reject_on_worker_lost**: requeued, ran again, **succeeded**.
-# 4. **early ack, worker killed**: the message is gone from Redis and the backend never heard of
+# 4. **acks_late + retry_on_worker_lost** (Celery 5.7): the worker's main process re-sent it as a
+#    *retry* (a new message, `retries` + 1, after `default_retry_delay`, here 0 s): it ran again and
+#    **succeeded**. Unlike a requeue it counts against `max_retries`, so a poison message ends:
+#    the second poison task above ran 1 + 2 times and stopped at `FAILURE`, while the requeued one
+#    kept killing children until it was revoked. That is the risk `reject_on_worker_lost` carries.
+# 5. **early ack, worker killed**: the message is gone from Redis and the backend never heard of
 #    the task (`PENDING` forever): **lost, silently**.
-# 5. **acks_late, worker killed**: the message waited in `unacked`; after the visibility timeout
+# 6. **acks_late, worker killed**: the message waited in `unacked`; after the visibility timeout
 #    it came back and the restarted worker **ran it again**.
 #
-# Rows 3 and 5 ran the task twice. Here the first run died before its effect, so no harm done.
+# Rows 3, 4 and 6 ran the task twice. Here the first run died before its effect, so no harm done.
 # Had the crash come *after* the effect, the effect would have happened twice: that is what
 # at-least-once means, and the last section deals with it.
 #
@@ -270,26 +337,36 @@ stack.stop_workers()
 # * the same with a **TTL shorter than the redelivery delay** (1 s, against a 6 s timeout);
 # * **upsert**: write the payment under its id (`HSET payments:<account> <payment_id> <amount>`);
 #   the balance is the sum, and writing the same payment twice changes nothing.
+#
+# A fifth charge uses the key too, but its `SET NX` and `INCRBY` are two commands with a moment
+# between them (widened to 1.5 s here), and the crash lands in that moment.
 
 # %%
-charger = stack.spawn_worker("ch04_tasks", name="charger", queues=["charges"], concurrency=4,
+charger = stack.spawn_worker("ch04_tasks", name="charger", queues=["charges"], concurrency=5,
                              prefetch_multiplier=1)
 charges = [
     ch04_tasks.charge_naive.apply_async(("pay-1", "naive", 100), queue="charges"),
     ch04_tasks.charge_once.apply_async(("pay-2", "keyed", 100, 86400), queue="charges"),
     ch04_tasks.charge_once.apply_async(("pay-3", "short-ttl", 100, 1), queue="charges"),
     ch04_tasks.charge_upsert.apply_async(("pay-4", "upsert", 100), queue="charges"),
+    ch04_tasks.charge_once_split.apply_async(("pay-5", "split", 100), queue="charges"),
 ]
+ACCOUNTS = ("naive", "keyed", "short-ttl", "split")
 
 
 def balances():
-    values = {acct: int(r.get(f"balance:{acct}") or 0) for acct in ("naive", "keyed", "short-ttl")}
+    values = {acct: int(r.get(f"balance:{acct}") or 0) for acct in ACCOUNTS}
     values["upsert"] = sum(int(v) for v in r.hvals("payments:upsert"))
     return values
 
 
-stack.wait_until(lambda: all(balances().values()), 10, "every charge to apply its effect")
-charger.kill()  # mid-receipt: every charge applied its effect, none was acknowledged
+def crash_moment():  # four effects applied, and the split charge between its two commands
+    b = balances()
+    return r.exists("idem:pay-5") and all(v for k, v in b.items() if k != "split")
+
+
+stack.wait_until(crash_moment, 10, "every charge to reach its crash point")
+charger.kill()  # mid-receipt (and mid-pair): none of the five was acknowledged
 before = balances()
 charger.start()
 stack.wait_until(lambda: all(c.state == "SUCCESS" for c in charges), 20, "the redeliveries")
@@ -298,8 +375,9 @@ plots.table([{"charge": k, "balance after the crash": before[k], "after redelive
              for k in after])
 
 # %%
-assert before == {"naive": 100, "keyed": 100, "short-ttl": 100, "upsert": 100}
-assert after == {"naive": 200, "keyed": 100, "short-ttl": 200, "upsert": 100}
+assert before == {"naive": 100, "keyed": 100, "short-ttl": 100, "split": 0, "upsert": 100}
+assert after == {"naive": 200, "keyed": 100, "short-ttl": 200, "split": 0, "upsert": 100}
+assert charges[4].state == "SUCCESS" and r.exists("idem:pay-5"), "reported done, never charged"
 stack.stop_workers()
 
 # %% [markdown]
@@ -308,9 +386,11 @@ stack.stop_workers()
 # queue days later) and duplicates slip through; too long and keys pile up in Redis. Size it to the
 # longest path a duplicate can take, and watch memory.
 #
-# One more trap: `SET NX` and `INCRBY` are two commands. A crash between them leaves the key
-# without the effect, and the redelivery then skips the effect: the payment is lost. Make the pair
-# atomic (a Lua script or a transaction), or use an upsert, which is one command. Lab 4 asks for it.
+# And the `split` row: `SET NX` and `INCRBY` are two commands. The crash came between them, so the
+# key existed without the effect; the redelivery saw the key, skipped the effect and reported
+# `SUCCESS`: the payment was **lost**, with every record saying it went through. Make the pair
+# atomic (a Lua script or a `MULTI`/`EXEC` transaction), or use an upsert, which is one command.
+# Lab 4 asks for it.
 #
 # ## Validation at the boundary
 #
