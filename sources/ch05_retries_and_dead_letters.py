@@ -33,7 +33,7 @@ import os
 import time
 
 import redis
-from celery import Celery
+from celery import Celery, signals
 
 BROKER = os.environ["CELERYLAB_BROKER_URL"]
 
@@ -103,21 +103,52 @@ def sync_jitter(key):
 DEAD_LETTERS = "dead-letters"
 
 
-class DeadLetterTask(app.Task):
-    def on_failure(self, exc, task_id, args, kwargs, einfo):
-        """Called once, after the last attempt failed (not on each retry)."""
-        db.lpush(DEAD_LETTERS, json.dumps({
-            "task": self.name, "id": task_id, "args": list(args), "kwargs": kwargs,
-            "error": f"{type(exc).__name__}: {exc}", "attempts": self.request.retries + 1,
-            "failed_at": time.time()}))
+def dead_letter(queue, task, task_id, args, kwargs, exc):
+    db.lpush(queue, json.dumps({
+        "task": task.name, "id": task_id, "args": list(args or ()), "kwargs": kwargs or {},
+        "error": f"{type(exc).__name__}: {exc}", "attempts": task.request.retries + 1,
+        "failed_at": time.time()}))
 
 
-@app.task(base=DeadLetterTask, autoretry_for=(DependencyDown,), max_retries=2,
+@signals.task_failure.connect
+def _dead_letter_on_failure(sender=None, task_id=None, exception=None, args=None, kwargs=None,
+                            **_):
+    """Once per task that failed for good (not on each retry), for every way it can fail: an
+    exception in the task (sent in the pool child) or the child killed (sent by the worker's
+    main process). Only tasks declared with a `dead_letters` list are dead-lettered."""
+    queue = getattr(sender, "dead_letters", None)
+    if queue:
+        dead_letter(queue, sender, task_id, args, kwargs, exception)
+
+
+@app.task(dead_letters=DEAD_LETTERS, autoretry_for=(DependencyDown,), max_retries=2,
           default_retry_delay=0.2)
 def import_order(order):
     if order["currency"] not in ("EUR", "USD") and not db.exists("parser:accepts-all"):
         raise ValueError(f"unknown currency {order['currency']!r}")  # permanent: never retried
     return flaky_call(order["id"])  # transient: retried twice, then dead-lettered
+
+
+# The tempting way, Task.on_failure: it runs only for an exception raised in the task.
+class OnFailureDeadLetters(app.Task):
+    def on_failure(self, exc, task_id, args, kwargs, einfo):
+        dead_letter("dead-letters:on_failure", self, task_id, args, kwargs, exc)
+
+
+def _resize(image):
+    if image.get("huge"):
+        os.kill(os.getpid(), 9)  # as the OOM killer would: SIGKILL, nothing runs after it
+    return image["name"]
+
+
+@app.task(base=OnFailureDeadLetters)
+def resize_on_failure(image):
+    return _resize(image)
+
+
+@app.task(dead_letters="dead-letters:signal")
+def resize_signal(image):
+    return _resize(image)
 
 
 # %% [markdown]
@@ -215,9 +246,12 @@ assert isinstance(calls["sync_manual (never recovers)"].result, ch05_tasks.Depen
 # With `retry_jitter=True` each delay is a random **whole** number of seconds between 0 and the
 # backoff delay (Celery's backoff works in whole seconds: `retry_backoff=0.5` would be truncated
 # to 1). Eight callers that failed together no longer retry together. (A 0 s delay has a side
-# effect worth knowing: the next attempt can finish before the previous one has stored its
-# `RETRY` state, and the result backend then keeps saying `RETRY` for a task that succeeded.
-# The course reads outcomes from its recording of Celery's signals, `stack.outcome`.)
+# effect worth knowing: the retry can run while the attempt that sent it is still storing its
+# `RETRY` state. The backend refuses to overwrite a stored `SUCCESS` (`celery/backends/base.py`
+# reads the state before it writes), so a stale `RETRY` needs the retry's `SUCCESS` to land in the
+# moment between that read and that write: a narrow race, seen about once in a few hundred
+# retries here, not the rule. The course reads outcomes from its recording of Celery's signals,
+# `stack.outcome`, which no such race can confuse.)
 
 # %%
 jitter_gaps = [gaps(j.id) for j in jittered]
@@ -261,11 +295,11 @@ fig.tight_layout()
 # ## Poison messages and a dead-letter queue on Redis
 #
 # Redis has no dead-lettering of its own (kombu's `deadletter_queue` option only catches
-# *unroutable* messages). The `DeadLetterTask` base class above builds one: its `on_failure` runs
-# once a task has failed for good and pushes the original payload, the error and the attempt count
-# onto the list `dead-letters`. (An errback via `link_error`, or the `task_failure` signal, can do
-# the same.) Three orders: one fine, one with a currency the parser rejects (a permanent error, not
-# retried), one whose dependency is down for longer than the retries last.
+# *unroutable* messages). The `task_failure` signal handler above builds one: Celery sends the
+# signal once a task has failed for good, and the handler pushes the original payload, the error
+# and the attempt count onto the list `dead-letters` (for tasks declared with `dead_letters=`).
+# Three orders: one fine, one with a currency the parser rejects (a permanent error, not retried),
+# one whose dependency is down for longer than the retries last.
 
 # %%
 r.set("fail:order-3", 99)
@@ -284,6 +318,30 @@ assert {letter["args"][0]["id"]: letter["attempts"] for letter in letters} == {
     "order-2": 1, "order-3": 3}, "the permanent error was not retried; the outage was, twice"
 assert [letter["error"].split(":")[0] for letter in letters] == ["ValueError", "DependencyDown"], \
     "each letter names the exception that killed it"
+
+# %% [markdown]
+# **Why a signal, and not `Task.on_failure`?** `on_failure` looks like the natural hook, and the
+# two agree for an exception raised inside the task. But `on_failure` runs in the pool child, from
+# Celery's tracer (`celery/app/trace.py`): when the child itself dies (the OOM killer, a segfault
+# in a C library), nothing runs in it any more. The worker's main process then stores the failure
+# (`WorkerLostError`), calls the `link_error` errbacks and sends `task_failure`
+# (`celery/worker/request.py`), but never calls `on_failure`. (It is not called for a `Reject`
+# either.) Two copies of a task whose payload kills its child, one dead-lettered by `on_failure`,
+# one by the signal:
+
+# %%
+huge = {"name": "poster.tiff", "huge": True}
+crashed = [ch05_tasks.resize_on_failure.delay(huge), ch05_tasks.resize_signal.delay(huge)]
+stack.wait_until(lambda: all(x.state == "FAILURE" for x in crashed), 20, "the crashed resizes")
+caught = {name: [json.loads(x)["error"] for x in r.lrange(f"dead-letters:{name}", 0, -1)]
+          for name in ("on_failure", "signal")}
+plots.table([{"dead-lettered by": k, "letters": len(v), "error": v[0] if v else "-"}
+             for k, v in caught.items()])
+
+# %%
+assert all(type(x.result).__name__ == "WorkerLostError" for x in crashed), "both children died"
+assert caught["on_failure"] == [], "on_failure never ran: the crash left no dead letter"
+assert len(caught["signal"]) == 1 and caught["signal"][0].startswith("WorkerLostError")
 
 # %% [markdown]
 # **Fix the cause, then replay.** The parser learns the new currency and the provider comes back;
