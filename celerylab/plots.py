@@ -56,7 +56,8 @@ def _attempt_row(a: Attempt, t0: float | None = None) -> dict:
     """One attempt; its times in seconds after ``t0``, the task's first publish."""
     t0 = t0 or a.sent or a.received or 0
     rel = lambda t: None if t is None else t - t0  # noqa: E731
-    state = a.state or ("no end recorded (its process died?)" if a.started else "not started")
+    state = ("LOST (its process was killed)" if a.state == "LOST" else a.state) or \
+        ("no end recorded (its process died?)" if a.started else "not started")
     return {"task": a.name.rsplit(".", 1)[-1], "id": a.id[:8], "queue": a.queue,
             "sent +s": rel(a.sent), "received +s": rel(a.received), "started +s": rel(a.started),
             "finished +s": rel(a.finished), "worker": a.host, "pid": a.pid, "state": state,
@@ -125,5 +126,40 @@ def bars(values: dict[str, float], title: str, ylabel: str, ax=None):
             ax.annotate(f"{v:.3g}", (i, v), ha="center", va="bottom", fontsize=9)
         ax.set_ylabel(ylabel)
     ax.set_title(title)
+    ax.figure.tight_layout()
+    return ax
+
+
+def timelines(series: dict[str, list[Attempt]], title: str = "", highlight=None):
+    """``timeline`` for several runs, one panel each, on a shared time axis (each run's time 0 is
+    its own first publish). ``highlight``: ids drawn in orange (e.g. the short tasks)."""
+    lanes = [len({(a.host, a.pid) for a in runs if a.started}) for runs in series.values()]
+    fig, axes = plt.subplots(len(series), 1, sharex=True,
+                             figsize=(9, 0.45 * sum(lanes) + 1.1 * len(series) + 0.6),
+                             gridspec_kw={"height_ratios": lanes})
+    axes = [axes] if len(series) == 1 else list(axes)
+    marked = set(highlight or ())
+    for ax, (label, runs) in zip(axes, series.items(), strict=True):
+        timeline(runs, title=label, ax=ax)
+        ax.set_title(label, fontsize=9, loc="left")
+        for patch, a in zip(ax.patches, [a for a in runs if a.started is not None], strict=True):
+            if a.id in marked:
+                patch.set_color("tab:orange")
+        ax.set_xlabel("")
+    axes[-1].set_xlabel("seconds since the run's first message was sent")
+    fig.suptitle(title + ("  (orange: short tasks, green: long; grey line: waiting)"
+                          if marked else ""), fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def steps(samples: list[tuple[float, float]], title: str, ylabel: str, ax=None):
+    """A step plot of (t, value) samples, e.g. a pool's size over time."""
+    ax = ax or plt.subplots(figsize=(8, 2.6))[1]
+    ax.step([t for t, _ in samples], [v for _, v in samples], where="post")
+    ax.set_xlabel("seconds")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.set_ylim(bottom=0)
     ax.figure.tight_layout()
     return ax

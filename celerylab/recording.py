@@ -89,6 +89,15 @@ def _finished(task_id=None, task=None, state=None, **_):
     _emit("finished", task_id, name=task.name, state=state)
 
 
+@signals.task_failure.connect
+def _lost(task_id=None, exception=None, sender=None, **_):
+    """A pool child died mid-task (WorkerLostError) and the task failed for good: the worker's
+    main process reports it; no ``task_postrun`` ran in the dead child. Not sent when the message
+    is requeued (``reject_on_worker_lost``) or retried (``retry_on_worker_lost``)."""
+    if type(exception).__name__ == "WorkerLostError":
+        _emit("lost", task_id, name=getattr(sender, "name", ""))
+
+
 @signals.worker_ready.connect
 def _ready(sender=None, **_):
     client = _redis()
@@ -160,6 +169,9 @@ def attempts(client: redis.Redis, ids=None) -> list[Attempt]:
             a = next((x for x in runs if x.received is None and x.started is None), None)
         elif kind == "started":
             a = latest(runs, lambda x: x.started is None)
+        elif kind == "lost":
+            a = latest(runs, lambda x: x.started is not None and x.finished is None
+                       and x.state is None)
         else:
             # the attempt this process started (two copies of one task can run at once: a
             # redelivery past the visibility timeout), else the latest still running
@@ -186,6 +198,8 @@ def attempts(client: redis.Redis, ids=None) -> list[Attempt]:
             a.redelivered = a.redelivered or e.get("redelivered", False)
         elif kind == "finished":
             a.finished, a.state = e["t"], e.get("state")
+        elif kind == "lost":
+            a.state = "LOST"  # its process died: no finish time
     return out
 
 

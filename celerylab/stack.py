@@ -168,13 +168,15 @@ class Stack:
             time.sleep(0.02)
 
     def outcome(self, task_id: str) -> str | None:
-        """SUCCESS or FAILURE once any attempt of the task ended so; None while it is not done.
+        """SUCCESS or FAILURE once any attempt of the task ended so (a pool child killed for good,
+        recorded as LOST, is a FAILURE); None while it is not done.
 
         From the recording, not the result backend: when a retry runs with a 0 s delay, the new
         attempt can finish before the old one has stored RETRY, and the backend then keeps RETRY.
         """
         states = {a.state for a in self.records([task_id])}
-        return "SUCCESS" if "SUCCESS" in states else "FAILURE" if "FAILURE" in states else None
+        return "SUCCESS" if "SUCCESS" in states else "FAILURE" if states & {"FAILURE", "LOST"} \
+            else None
 
     def started(self, task_id: str, timeout: float = 10.0):
         """Wait until a worker has started ``task_id``; return that attempt."""

@@ -1,26 +1,29 @@
 # %% [markdown]
 # # Lab 5 — Retries and dead letters for a flaky dependency
 #
-# `sync_order(order_id, store, express=False)` calls a dependency that fails in two ways:
+# `sync_order(order_id, store, express=False)` calls a dependency that fails in three ways:
 #
 # * `DependencyDown`: it is unavailable for a while (worth retrying, later);
-# * `InvalidOrder`: the order itself is malformed (retrying cannot help).
+# * `InvalidOrder`: the order itself is malformed (retrying cannot help);
+# * for some orders, the process running the task is killed outright (as the out-of-memory
+#   killer would), after the dependency failed a few times.
 #
 # **Your task:**
 # 1. a retry **policy** for `sync_order` (options for `@app.task`): retry only what can recover,
 #    with exponential backoff, jitter, a cap on the delay and a bounded number of retries. This
 #    lab's numbers: the delay is capped at **4 s or less**, the cap is **above the first step**
 #    (so at least one doubling shows), and a task gives up after **2 to 5 retries**;
-# 2. **dead-letter handling**: when `sync_order` fails for good, push a JSON dict with `task`,
-#    `id`, `args`, `kwargs`, `error` (naming the exception's class, e.g. `"InvalidOrder: ..."`)
-#    and `attempts` onto the Redis list `lab05:dead` (nothing for a failure that is still going to
-#    be retried);
+# 2. **dead-letter handling**: when `sync_order` fails for good, *however it fails* (the killed
+#    process too), push a JSON dict with `task`, `id`, `args`, `kwargs`, `error` (naming the
+#    exception's class, e.g. `"InvalidOrder: ..."`) and `attempts` onto the Redis list
+#    `lab05:dead` (nothing for a failure that is still going to be retried);
 # 3. `replay_dead_letters(r, send_task)`: after the cause is fixed, re-send every dead letter with
 #    its original task name, args and kwargs, **oldest first** (in the order they died), each
 #    once, leave the list empty, and return a list with the result of each message it sent.
 #
 # **What the check does.** It injects faults per order: a dozen or more orders fail as often as
-# your policy retries and then recover, one never recovers, two are malformed. It measures, from
+# your policy retries and then recover, one never recovers, one dies with its process on its
+# last attempt, two are malformed. It measures, from
 # the recording, how long each retry waited (publish to start) and compares that with the bounds
 # your declared policy implies (Celery's delay is `min(cap, factor * 2**n)` whole seconds, and
 # jitter draws a whole number in `[0, delay]`): the waits must grow from retry to retry, and
@@ -50,9 +53,10 @@ stack = celerylab.start("lab05")
 
 import json
 import os
+import signal
 
 import redis
-from celery import Celery
+from celery import Celery, signals
 
 BROKER = os.environ["CELERYLAB_BROKER_URL"]
 
@@ -80,14 +84,17 @@ def call_dependency(order_id):
     fault = db.hget("lab05:faults", order_id)
     if fault == b"invalid":
         raise InvalidOrder(f"order {order_id} is malformed")
-    if fault == b"down" and db.hincrby("lab05:failures-left", order_id, -1) >= 0:
+    if fault in (b"down", b"crash") and db.hincrby("lab05:failures-left", order_id, -1) >= 0:
         raise DependencyDown(f"dependency unavailable for {order_id}")
+    if fault == b"crash":
+        os.kill(os.getpid(), signal.SIGKILL)  # the process running the task dies
     return f"synced {order_id}"
 
 
 DEAD_LETTERS = "lab05:dead"  # a Redis list of JSON dicts: task, id, args, kwargs, error, attempts
 
-# Define POLICY (options for @app.task) and BASE (the task's base class).
+# Define POLICY (options for @app.task), BASE (the task's base class: app.Task unless you need
+# your own) and whatever else your dead-letter handling needs.
 ### BEGIN SOLUTION
 POLICY = {
     "autoretry_for": (DependencyDown,),  # only what a later attempt can fix
@@ -98,15 +105,20 @@ POLICY = {
 }
 
 
-class DeadLetterOnFailure(app.Task):
-    def on_failure(self, exc, task_id, args, kwargs, einfo):
-        """Runs once, when the task has failed for good (not on each retry)."""
-        db.lpush(DEAD_LETTERS, json.dumps({
-            "task": self.name, "id": task_id, "args": list(args), "kwargs": kwargs,
-            "error": f"{type(exc).__name__}: {exc}", "attempts": self.request.retries + 1}))
+BASE = app.Task
 
 
-BASE = DeadLetterOnFailure
+@signals.task_failure.connect
+def dead_letter(sender=None, task_id=None, exception=None, args=None, kwargs=None, **_):
+    """Sent once a task has failed for good (not on each retry): by the pool child for an
+    exception, by the worker's main process when the child died. (Task.on_failure would miss
+    the second: it runs in the child.)"""
+    if getattr(sender, "name", None) != "lab05_tasks.sync_order":
+        return
+    db.lpush(DEAD_LETTERS, json.dumps({
+        "task": sender.name, "id": task_id, "args": list(args or ()), "kwargs": kwargs or {},
+        "error": f"{type(exception).__name__}: {exception}",
+        "attempts": sender.request.retries + 1}))
 ### END SOLUTION
 
 

@@ -108,11 +108,26 @@ REPLAYS = {f.__name__: f for f in (replay_original_id, replay_lpop, replay_witho
                                    replay_drops_one, replay_results_reversed, replay_stub)}
 
 POLICY_LINES = ('"retry_backoff": True,  # 1, 2, 4 ... s', '"retry_backoff_max": 2,')
-UNUSUAL_POLICY = (  # factor 2, cap 4, two retries: waits within 2 then 4 s; letters RPUSHed
+UNUSUAL_POLICY = (  # factor 2, cap 4, two retries: waits within 2 then 4 s; letters RPUSHed;
+    # a killed child retried like an exception (Celery 5.7), which its last attempt cannot be
     (POLICY_LINES[0], '"retry_backoff": 2.7,  # int(2.7) = 2: 2, 4 s'),
     (POLICY_LINES[1], '"retry_backoff_max": 4,'),
-    ('"max_retries": 3', '"max_retries": 2'),
+    ('"max_retries": 3', '"max_retries": 2, "retry_on_worker_lost": True'),
     ("db.lpush(DEAD_LETTERS", "db.rpush(DEAD_LETTERS"),
+)
+
+SIGNAL_HANDLER = "@signals.task_failure.connect\ndef dead_letter("
+ON_FAILURE_ONLY = (  # the tempting answer: Task.on_failure, which never runs in a killed child
+    ("BASE = app.Task\n", '''class DeadLetterOnFailure(app.Task):
+    def on_failure(self, exc, task_id, args, kwargs, einfo):
+        db.lpush(DEAD_LETTERS, json.dumps({
+            "task": self.name, "id": task_id, "args": list(args), "kwargs": kwargs,
+            "error": f"{type(exc).__name__}: {exc}", "attempts": self.request.retries + 1}))
+
+
+BASE = DeadLetterOnFailure
+'''),
+    (SIGNAL_HANDLER, "def dead_letter("),  # the signal handler no longer connected
 )
 
 
@@ -185,21 +200,23 @@ def test_lab05_unsolved_stub_fails_at_import(lab05):
         run_check(replay_stub, stack)
 
 
-ON_RETRY_LETTER = '''
-
+ON_RETRY_LETTER = '''class LetterOnRetry(app.Task):
     def on_retry(self, exc, task_id, args, kwargs, einfo):
         db.lpush(DEAD_LETTERS, json.dumps({
             "task": self.name, "id": task_id, "args": list(args), "kwargs": kwargs,
             "error": repr(exc), "attempts": self.request.retries + 1}))
 
 
-BASE = DeadLetterOnFailure'''
+BASE = LetterOnRetry
+'''
 
 
-STRETCHED_RETRY = """class DeadLetterOnFailure(app.Task):
+STRETCHED_RETRY = """class Stretched(app.Task):
     def retry(self, *args, countdown=None, **kwargs):  # waits 2 s more than the policy says
         return super().retry(*args, countdown=(countdown or 0) + 2, **kwargs)
 
+
+BASE = Stretched
 """
 
 
@@ -209,26 +226,31 @@ STRETCHED_RETRY = """class DeadLetterOnFailure(app.Task):
     ((('"retry_backoff": True,', '"retry_backoff": False, "retry_kwargs": {"countdown": 1},'),),
      SOLUTION_REPLAY, "did not grow"),
     ((('"retry_jitter": True', '"retry_jitter": False'),), SOLUTION_REPLAY, "in lockstep"),
-    ((("class DeadLetterOnFailure(app.Task):\n", STRETCHED_RETRY),), SOLUTION_REPLAY,
+    ((("BASE = app.Task\n", STRETCHED_RETRY),), SOLUTION_REPLAY,
      r"Retry \d of [\w-]+ waited [\d.]+ s; the policy you declared allows at most"),
     ((('"autoretry_for": (DependencyDown,)', '"autoretry_for": (DependencyDown, InvalidOrder)'),),
      SOLUTION_REPLAY, r"malformed order \(InvalidOrder\): it ran [2-9] times"),
     ((('"autoretry_for": (DependencyDown,)', '"autoretry_for": ()'),), SOLUTION_REPLAY,
      r"flaky-\d+ ended FAILURE after 1 attempt.*transient failure should succeed"),
-    ((("BASE = DeadLetterOnFailure", "BASE = app.Task"),), SOLUTION_REPLAY,
-     "no dead letter appeared"),
-    ((('"kwargs": kwargs,', ""),), SOLUTION_REPLAY, "A dead letter has no kwargs"),
-    ((("\n\nBASE = DeadLetterOnFailure", ON_RETRY_LETTER),), SOLUTION_REPLAY,
+    (((SIGNAL_HANDLER, "def dead_letter("),), SOLUTION_REPLAY, "no dead letter appeared"),
+    (ON_FAILURE_ONLY, SOLUTION_REPLAY,
+     r"crash-1 failed for good \(WorkerLostError.*no dead letter.*process running it was killed"),
+    ((('"max_retries": 3', '"max_retries": 3, "reject_on_worker_lost": True, "acks_late": True'),),
+     SOLUTION_REPLAY, "delivered again and again"),
+    ((('"kwargs": kwargs or {},', ""),), SOLUTION_REPLAY, "A dead letter has no kwargs"),
+    ((("BASE = app.Task\n", ON_RETRY_LETTER),), SOLUTION_REPLAY,
      "which did not fail for good"),
     ((), "replay_without_kwargs", r"changed the payload.*kwargs=\{\}"),
     ((), "replay_first_arg", r"changed the payload.*replay sent .*args=\['bad-1'\], "),
-    ((), "replay_newest_first", r"in the order \['bad-2', 'down-1', 'bad-1'\].*oldest first"),
+    ((), "replay_newest_first",
+     r"in the order \['bad-2', 'crash-1', 'down-1', 'bad-1'\].*oldest first"),
     ((), "replay_count", "replay_dead_letters returned int"),
-    ((), "replay_drops_one", r"sent 2 messages; the dead-letter list held 3: \w+-\d was not"),
+    ((), "replay_drops_one", r"sent 3 messages; the dead-letter list held 4: \w+-\d was not"),
     ((), "replay_results_reversed", "but not in the order it sent them"),
     ((), "replay_stub", "replay_dead_letters is not written yet"),
 ], ids=["constant-1s-jittered", "fixed-countdown", "jitter-off", "waits-longer-than-declared",
-        "invalid-retried", "transient-not-retried", "no-dead-letter", "letter-without-kwargs",
+        "invalid-retried", "transient-not-retried", "no-dead-letter", "on-failure-misses-crash",
+        "requeued-poison-loop", "letter-without-kwargs",
         "letters-on-retry", "replay-drops-kwargs", "replay-first-arg-only", "replay-newest-first",
         "replay-returns-count", "replay-drops-a-letter", "replay-results-reversed",
         "replay-stub"])

@@ -56,3 +56,15 @@ def test_two_copies_running_at_once_each_keep_their_own_finish(stack):
     got = attempts(stack.redis)
     assert [(a.pid, a.started, a.finished, a.redelivered) for a in got] == [
         (11, 2.0, 5.0, False), (12, 4.0, 6.0, True)]
+
+
+def test_a_killed_child_is_recorded_lost_and_the_retry_still_finishes(stack):
+    """The worker's main process reports a WorkerLostError (`lost`); nothing finished it."""
+    push(stack,
+         ("sent", "d", {}), ("received", "d", {}), ("started", "d", {"pid": 21}),
+         ("lost", "d", {"pid": 20}),
+         ("sent", "d", {"retries": 1}), ("received", "d", {}),
+         ("started", "d", {"pid": 22, "retries": 1}),
+         ("finished", "d", {"pid": 22, "state": "SUCCESS"}))
+    got = attempts(stack.redis)
+    assert [(a.pid, a.state, a.finished) for a in got] == [(21, "LOST", None), (22, "SUCCESS", 7.0)]

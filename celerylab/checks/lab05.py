@@ -138,7 +138,7 @@ class _Run:
             runs.sort(key=lambda a: a.started)
         return out
 
-    def wait_done(self, orders, timeout: float) -> dict[str, list]:
+    def wait_done(self, orders, timeout: float, max_attempts: int | None = None) -> dict:
         """Wait until every order has ended (an attempt finished SUCCESS or FAILURE)."""
         deadline = time.monotonic() + timeout
         while True:
@@ -146,6 +146,12 @@ class _Run:
             pending = [o for o in orders if not _outcome(runs[o])]
             if not pending:
                 return runs
+            looping = [o for o in pending if max_attempts and len(runs[o]) > max_attempts + 1]
+            if looping:
+                raise LabCheckFailed(
+                    f"{looping[0]} has run {len(runs[looping[0]])} times and is still going, more "
+                    f"than the {max_attempts} attempts your policy allows: after its process "
+                    "died it was delivered again and again (a poison message).")
             if time.monotonic() > deadline:
                 raise LabCheckFailed(
                     f"After {timeout:.0f} s these orders had not finished: {pending[:6]}"
@@ -156,8 +162,10 @@ class _Run:
 
 
 def _outcome(runs) -> str | None:
+    """SUCCESS, FAILURE (an exception, or a killed pool child recorded as LOST), or None."""
     states = {a.state for a in runs}
-    return "SUCCESS" if "SUCCESS" in states else "FAILURE" if "FAILURE" in states else None
+    return "SUCCESS" if "SUCCESS" in states else "FAILURE" if states & {"FAILURE", "LOST"} \
+        else None
 
 
 def _find_letters(r, order: str, task_id: str) -> list[str]:
@@ -189,14 +197,14 @@ def _parse_letter(text: str):
     return letter
 
 
-def _check_letter(r, run: _Run, order: str, runs: list, exc: str) -> dict:
+def _check_letter(r, run: _Run, order: str, runs: list, exc: str, missing: str = "") -> dict:
     call = run.calls[order]
     texts = _find_letters(r, order, call["id"])
     if not texts:
         raise LabCheckFailed(
             f"{order} failed for good ({exc}, after {len(runs)} attempt(s)), but no dead letter "
-            f"appeared on the Redis list {LAB05_DEAD!r} within {LETTER_TIMEOUT:.0f} s. What runs "
-            "once a task has failed for good?")
+            f"appeared on the Redis list {LAB05_DEAD!r} within {LETTER_TIMEOUT:.0f} s. "
+            + (missing or "What runs once a task has failed for good?"))
     letters = [_parse_letter(text) for text in texts]
     # several letters for one task: judge the one written when it failed for good (the final
     # count of letters catches the others)
@@ -333,9 +341,11 @@ def check_lab05(replay_dead_letters, stack) -> None:
 
     flaky = [f"flaky-{i}" for i in range(1, n_orders)]
     r.hset("lab05:faults", mapping={"bad-1": "invalid", "bad-2": "invalid", "down-1": "down",
-                                    **{o: "down" for o in flaky}})
-    # each flaky order fails as often as the policy retries, so it succeeds on its last attempt
-    r.hset("lab05:failures-left", mapping={"down-1": 1000, **{o: mr for o in flaky}})
+                                    "crash-1": "crash", **{o: "down" for o in flaky}})
+    # each flaky order fails as often as the policy retries, so it succeeds on its last attempt;
+    # crash-1 too, but its last attempt kills the process running it
+    r.hset("lab05:failures-left", mapping={"down-1": 1000, "crash-1": mr,
+                                           **{o: mr for o in flaky}})
     run = _Run(stack)
     budget = sum(high) + 20  # the longest the policy may take, plus a generous allowance
     worker = stack.worker("lab05_tasks", name="sync", concurrency=2, prefetch_multiplier=1)
@@ -388,11 +398,25 @@ def check_lab05(replay_dead_letters, stack) -> None:
         _check_letter(r, run, "down-1", runs["down-1"], "DependencyDown")
         ok("the outage became a dead letter after its last attempt")
 
-        # 3. a second malformed order, after the outage died: three letters, in a known order
+        # 3. an order whose pool child is killed on its last attempt (as the OOM killer would)
+        run.send("crash-1", ("crash-1", "store-5"), {})
+        runs_crash = run.wait_done(["crash-1"], budget, max_attempts=mr + 1)["crash-1"]
+        if _outcome(runs_crash) != "FAILURE" or len(runs_crash) != mr + 1:
+            raise LabCheckFailed(
+                f"crash-1 fails {mr} times (DependencyDown), then the process running its last "
+                f"attempt is killed; it ran {len(runs_crash)} times and ended "
+                f"{_outcome(runs_crash)}, but the policy you declared allows {mr + 1} attempts.")
+        _check_letter(r, run, "crash-1", runs_crash, "WorkerLostError", missing=(
+            "Its last attempt did not raise: the process running it was killed (SIGKILL, as the "
+            "out-of-memory killer does), so nothing ran in that process after it. Who else "
+            "learns that the task failed?"))
+        ok("a task whose process was killed on its last attempt became a dead letter too")
+
+        # 4. a second malformed order, after the others died: four letters, in a known order
         run.send("bad-2", ("bad-2",), {"store": "store-4", "express": True})
         runs_bad2 = run.wait_done(["bad-2"], budget)["bad-2"]
         _check_letter(r, run, "bad-2", runs_bad2, "InvalidOrder")
-        dead = ["bad-1", "down-1", "bad-2"]
+        dead = ["bad-1", "down-1", "crash-1", "bad-2"]
         letters = [_parse_letter(x.decode(errors="replace")) for x in r.lrange(LAB05_DEAD, 0, -1)]
         ids = {run.calls[o]["id"]: o for o in run.calls}
         extra = sorted({ids.get(x["id"], str(x["id"])) for x in letters} - set(dead))
@@ -402,9 +426,9 @@ def check_lab05(replay_dead_letters, stack) -> None:
                 f"that failed for good ({', '.join(dead)}) belong there, once each"
                 + (f", but it also has letters for {extra[:5]}, which did not fail for good"
                    if extra else "") + ".")
-        ok("three letters, one per task that failed for good: payload, error, attempts")
+        ok("four letters, one per task that failed for good: payload, error, attempts")
 
-        # 4. the causes are fixed: replay, and watch what is published and what runs after it
+        # 5. the causes are fixed: replay, and watch what is published and what runs after it
         r.delete("lab05:faults", "lab05:failures-left")
         captured: list[dict] = []
 
