@@ -171,8 +171,9 @@ class Stack:
         """SUCCESS or FAILURE once any attempt of the task ended so (a pool child killed for good,
         recorded as LOST, is a FAILURE); None while it is not done.
 
-        From the recording, not the result backend: when a retry runs with a 0 s delay, the new
-        attempt can finish before the old one has stored RETRY, and the backend then keeps RETRY.
+        From the recording, not the result backend: when a retry runs with a 0 s delay, its
+        SUCCESS can land between the older attempt's read and write of RETRY (a narrow race), and
+        the backend then keeps RETRY.
         """
         states = {a.state for a in self.records([task_id])}
         return "SUCCESS" if "SUCCESS" in states else "FAILURE" if states & {"FAILURE", "LOST"} \
