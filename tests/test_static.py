@@ -90,6 +90,24 @@ def test_environment_yml_lists_the_same_packages_as_pyproject():
     assert "redis-server" in listed and "python" in listed
 
 
+def test_environment_yml_pins_the_versions_of_constraints_txt():
+    """conda users get the versions the course is tested with, as pip users do."""
+    tested = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        if "==" in line and not line.startswith("#"):
+            name, version = line.split("==", 1)
+            tested[name.strip().lower().replace("_", "-")] = version.strip()
+    pip_names = {"redis-py": "redis"}
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    pinned = [d for d in env["dependencies"] if isinstance(d, str)
+              and _name(d) not in ("python", "redis-server", "pip")]
+    assert len(pinned) >= 15
+    for dep in pinned:
+        name, _, version = dep.partition("==")
+        assert version, f"{dep}: pin it exactly, as constraints.txt does"
+        assert tested[pip_names.get(name, name)] == version, f"{dep} differs from constraints.txt"
+
+
 def test_readme_gives_the_two_commands_and_ci_runs_the_test_one():
     readme = (ROOT / "README.md").read_text()
     assert "./course open" in readme and "./course test" in readme
