@@ -141,6 +141,7 @@ def timelines(series: dict[str, list[Attempt]], title: str = "", highlight=None)
     marked = set(highlight or ())
     for ax, (label, runs) in zip(axes, series.items(), strict=True):
         timeline(runs, title=label, ax=ax)
+        ax.set_title("")  # the centred title timeline() wrote; the run's label goes on the left
         ax.set_title(label, fontsize=9, loc="left")
         for patch, a in zip(ax.patches, [a for a in runs if a.started is not None], strict=True):
             if a.id in marked:

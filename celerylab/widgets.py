@@ -125,3 +125,46 @@ def routing_explorer(stack, fast_task, slow_task, queues: list[str]):
 
     run.on_click(reported(out, on_run, stack.redis))
     return w.VBox([w.HBox([fast_q, slow_q, run]), out])
+
+
+def prefetch_explorer(stack, *, app: str, task: str, late_task: str):
+    """Pick prefetch settings and a workload mix; run them beside the default; see timelines,
+    makespan and short-task p95 (logic: ``celerylab.prefetch.compare_with_default``)."""
+    import ipywidgets as w
+    import matplotlib.pyplot as plt
+
+    from celerylab import plots, prefetch
+
+    multiplier = w.Dropdown(options=[1, 2, 4, 16], value=1, description="multiplier")
+    late = w.Checkbox(value=True, description="acks_late")
+    disable = w.Checkbox(value=False, description="--disable-prefetch")
+    concurrency = w.IntSlider(value=2, min=1, max=4, description="-c (each)")
+    n_long = w.IntSlider(value=3, min=0, max=8, description="long tasks")
+    n_short = w.IntSlider(value=10, min=1, max=30, description="short tasks")
+    run = w.Button(description="run beside the default")
+    out = w.Output()
+
+    def on_run(_):
+        out.clear_output()
+        with out:
+            print("booting four workers and running ...")
+            setting = {"prefetch_multiplier": multiplier.value, "acks_late": late.value,
+                       "disable_prefetch": disable.value, "concurrency": concurrency.value}
+            runs = prefetch.compare_with_default(
+                stack, setting, app=app, task=task, late_task=late_task,
+                n_long=n_long.value, n_short=max(n_short.value, 1))
+            out.clear_output()
+            print(plots.table([{"run": f"{label}: {prefetch.describe(m['setting'])}",
+                                "makespan s": m["makespan"], "x default": m["makespan ratio"],
+                                "short p95 s": m["short p95"], "p95 x default": m["p95 ratio"],
+                                "most waiting in one reserve": max(m["reserve peaks"].values())}
+                               for label, m in runs.items()]))
+            longs = {a.id for m in runs.values() for a in m["attempts"] if a.runtime > 0.6}
+            plots.timelines({f"{label}: {prefetch.describe(m['setting'])}": m["attempts"]
+                             for label, m in runs.items()}, "Two workers sharing a queue",
+                            highlight={a.id for m in runs.values() for a in m["attempts"]} - longs)
+            plt.show()
+
+    run.on_click(reported(out, on_run, stack.redis))
+    return w.VBox([w.HBox([multiplier, late, disable]), w.HBox([concurrency, n_long, n_short]),
+                   w.HBox([run]), out])

@@ -1,0 +1,449 @@
+# %% [markdown]
+# # Chapter 6 — Prefetch and throughput
+#
+# Three reports that teams write, again and again, in Celery's issue tracker and on forums:
+#
+# * "We run eight workers for hour-long jobs, yet only two are busy; the others sit idle while
+#   jobs are waiting." The busy workers had fetched the waiting jobs for later.
+# * "A task that takes 100 ms took 40 seconds to finish." It sat in a worker's memory behind a
+#   long task, while another worker had nothing to do.
+# * "`inspect().reserved()` lists thousands of messages on one worker, but our prefetch is only
+#   16." Those were ETA and countdown tasks: each one raises what a worker may hold.
+#
+# All three are **prefetch**: how many messages a worker takes from the broker before it can run
+# them. This chapter counts what each setting holds, measures what it costs (makespan and
+# short-task latency), where prefetch could help (many tiny tasks), and how to size concurrency.
+
+# %%
+import celerylab
+from celerylab import plots, prefetch, widgets
+from celerylab.recording import percentile
+
+stack = celerylab.start("ch06")
+r = stack.redis
+assert stack.health()
+
+# %% [markdown]
+# ## The settings, written out
+#
+# * `worker_prefetch_multiplier` (default 4, flag `--prefetch-multiplier`): a worker may hold
+#   **concurrency × multiplier** unacknowledged messages (its *prefetch count*).
+# * `task_acks_late` (default off): *when* a message is acknowledged. Early ack acknowledges when
+#   a child starts the task, so a running task no longer counts against the prefetch count;
+#   `acks_late` acknowledges after it returns, so running tasks do count.
+# * `worker_disable_prefetch` (new in Celery 5.6, Redis only, flag `--disable-prefetch`): fetch
+#   nothing while the worker already has as many tasks as pool processes.
+# * `worker_eta_task_limit` (new in 5.6, default none): a cap on how far ETA tasks may raise the
+#   prefetch count.
+#
+# `acks_late` is set per task below (`work` vs `work_late`), so one module serves every experiment;
+# the flags go on each worker's command line (`Worker.command` shows it).
+
+# %%
+# %%writefile ch06_tasks.py
+"""Chapter 6's tasks: long and short work, tiny tasks, with early and late acknowledgement."""
+
+import os
+import time
+
+from celery import Celery
+
+BROKER = os.environ["CELERYLAB_BROKER_URL"]
+
+app = Celery("ch06_tasks", broker=BROKER, backend=BROKER)
+app.conf.update(
+    task_serializer="json",
+    result_serializer="json",
+    accept_content=["json"],
+    task_acks_late=False,  # the default: acknowledged when a child starts the task
+    worker_prefetch_multiplier=4,  # the default; each worker below passes its own flag
+    worker_disable_prefetch=False,  # the default; --disable-prefetch turns it on per worker
+    worker_eta_task_limit=None,  # the default: ETA tasks may raise the prefetch count freely
+    task_ignore_result=False,  # the default: every result is stored (tiny_quiet opts out)
+    worker_pool="prefork",
+    broker_connection_retry_on_startup=True,
+)
+
+
+@app.task
+def work(seconds):
+    """Long or short work (it waits, as on a network call)."""
+    time.sleep(seconds)
+
+
+@app.task(acks_late=True)
+def work_late(seconds):
+    """The same, acknowledged after it returns."""
+    time.sleep(seconds)
+
+
+@app.task
+def tiny():
+    return 1
+
+
+@app.task(acks_late=True)
+def tiny_late():
+    return 1
+
+
+@app.task(ignore_result=True)
+def tiny_quiet():
+    """No result stored: one Redis write (and a publish) fewer per task."""
+    return 1
+
+
+# %% [markdown]
+# A second module for the ETA cap: the same app and tasks, one setting changed. A worker started
+# with `-A ch06_capped_tasks` runs it.
+
+# %%
+# %%writefile ch06_capped_tasks.py
+"""Chapter 6's tasks, with the prefetch count capped at 10 however many ETA tasks arrive."""
+
+from ch06_tasks import app
+
+app.conf.worker_eta_task_limit = 10
+
+# %% [markdown]
+# ## What a busy worker holds
+#
+# Five workers, each `-c 2` on a queue of its own, each sent sixteen 1.5 s tasks; while the first
+# two run, we ask each worker what it holds (`inspect().stats()`, `active()`, `reserved()`,
+# `scheduled()`) and look in Redis: `HLEN unacked` is every message fetched and not yet
+# acknowledged, `LLEN` what is still in the queue. Two more workers, for ETA tasks, boot at the
+# same time (they are used further down).
+
+# %%
+import ch06_tasks
+
+HOLD = {  # label: (setting, task)
+    "multiplier 4, early ack (default)": ({"prefetch_multiplier": 4}, ch06_tasks.work),
+    "multiplier 4, acks_late": ({"prefetch_multiplier": 4}, ch06_tasks.work_late),
+    "multiplier 1, early ack": ({"prefetch_multiplier": 1}, ch06_tasks.work),
+    "multiplier 1, acks_late": ({"prefetch_multiplier": 1}, ch06_tasks.work_late),
+    "--disable-prefetch, early ack": ({"disable_prefetch": True}, ch06_tasks.work),
+}
+holders = [prefetch.workers_for(stack, "ch06_tasks", setting, queue=f"hold-{i}",
+                                names=[f"hold{i}"])[0] for i, (setting, _) in enumerate(HOLD.values())]
+eta_free = stack.worker("ch06_tasks", name="eta", queues=["eta"], concurrency=2)
+eta_capped = stack.worker("ch06_capped_tasks", name="capped", queues=["capped"], concurrency=2)
+stack.start_workers(*holders, eta_free, eta_capped)
+print(" ".join(holders[-1].typed_command))
+
+# %%
+firsts = []
+for i, (_, task) in enumerate(HOLD.values()):
+    ids = [task.apply_async((1.5,), queue=f"hold-{i}").id for _ in range(16)]
+    firsts += ids[:2]
+for task_id in firsts:  # every worker has started its first two tasks...
+    stack.started(task_id)
+prefetch.wait_steady(stack, lambda: [r.llen(f"hold-{i}") for i in range(len(HOLD))],
+                     what="the queues")  # ...and has stopped fetching
+held = prefetch.held_now(stack, holders, [f"hold-{i}" for i in range(len(HOLD))])
+for row, label in zip(held, HOLD, strict=True):
+    row["worker"] = label
+plots.table(held)
+
+# %%
+expected = {  # (prefetch_count, active, reserved, HLEN unacked), -c 2
+    "multiplier 4, early ack (default)": (8, 2, 8, 8),  # running tasks are acked: 8 MORE wait
+    "multiplier 4, acks_late": (8, 2, 6, 8),  # running tasks count: 8 in all
+    "multiplier 1, early ack": (2, 2, 2, 2),  # still 2 waiting behind the running ones
+    "multiplier 1, acks_late": (2, 2, 0, 2),  # only what runs
+    "--disable-prefetch, early ack": (8, 2, 0, 0),  # prefetch_count unchanged, but nothing waits
+}
+got = {row["worker"]: (row["prefetch_count"], row["active"], row["reserved"],
+                       row["HLEN unacked (its queue)"]) for row in held}
+assert got == expected, got
+assert [row["LLEN (still in Redis)"] for row in held] == [16 - a - rs for _, a, rs, _ in
+                                                          expected.values()]
+for i in range(len(HOLD)):
+    r.delete(f"hold-{i}")  # the rest need not run
+
+# %% [markdown]
+# Read the table as a worker's budget:
+#
+# * With **early ack** a running task is already acknowledged, so it does not count: the default
+#   worker runs 2 *and* holds 8 more. Multiplier 1 still holds 2 behind the 2 running ones.
+# * With **`acks_late`**, running tasks count against the prefetch count: multiplier 1 holds
+#   exactly what it runs, nothing waits inside the worker.
+# * **`--disable-prefetch`** leaves `prefetch_count` at 8 but refuses to fetch while the worker
+#   has as many tasks as processes (`celery/worker/consumer/tasks.py` wraps the channel's
+#   `can_consume`): nothing waits inside the worker even with early ack.
+#
+# ## ETA tasks raise what a worker holds
+#
+# A message with an ETA or a countdown is fetched at once and kept in the worker until it is due
+# (`scheduled()`), and each one **raises the prefetch count by one**
+# (`celery/worker/strategy.py`), so that it does not take a slot from ready work. Twenty-four
+# tasks due in a minute, to the default worker and to the capped one (`worker_eta_task_limit =
+# 10`):
+
+# %%
+for queue in ("eta", "capped"):
+    for _ in range(24):
+        ch06_tasks.work.apply_async((0.01,), queue=queue, countdown=60)
+prefetch.wait_steady(stack, lambda: (r.llen("eta"), r.llen("capped"), r.hlen("unacked")),
+                     what="the ETA workers' fetching")
+eta_rows = prefetch.held_now(stack, [eta_free, eta_capped], ["eta", "capped"])
+plots.table(eta_rows)
+
+# %%
+free_row, capped_row = eta_rows
+assert (free_row["prefetch_count"], free_row["scheduled"], free_row["LLEN (still in Redis)"]) \
+    == (8 + 24, 24, 0), "all 24 held: far more than 4 x concurrency"
+assert (capped_row["prefetch_count"], capped_row["scheduled"]) == (10, 10)
+assert capped_row["LLEN (still in Redis)"] == 14, "the rest stay in Redis"
+
+# %% [markdown]
+# The cap did its job: 10, not 32. But look at what it costs. The capped worker's 10 slots are
+# all taken by tasks due in a minute, so **ready work cannot get in** either. One plain task to
+# each worker:
+
+# %%
+ready = {q: ch06_tasks.work.apply_async((0.01,), queue=q).id for q in ("eta", "capped")}
+done_free = stack.wait_for([ready["eta"]], timeout=10)[0]
+# the same chance for the capped worker: its queue must stay as it is for 1 s
+left = prefetch.wait_steady(stack, lambda: r.llen("capped"), steady=1.0, what="the capped queue")
+received = any(a.received for a in stack.records([ready["capped"]]))
+print(f"default worker: the plain task finished {done_free.latency:.2f} s after it was sent. "
+      f"Capped worker: {'received it' if received else 'did not take it'}; "
+      f"{left} messages wait in its queue")
+
+# %%
+assert not received and left == 15, "the capped worker fetches nothing until an ETA falls due"
+for q in ("eta", "capped"):
+    r.delete(q)
+stack.stop_workers()  # the held ETA messages go back to their (deleted) queues: gone
+
+# %% [markdown]
+# So set `worker_eta_task_limit` well above concurrency × multiplier, or better, send
+# countdowns and retries to a queue of their own (chapter 3), where a full window delays only
+# other delayed work. And remember chapter 4: a held ETA message that waits longer than the
+# visibility timeout is delivered again.
+#
+# ## Two workers, one queue: long and short tasks
+#
+# The first report, live. Two `-c 2` workers share a queue; three 1.5 s tasks are sent, then ten
+# 0.05 s ones. Four settings run side by side (eight workers, each pair on its own queue), so
+# they share the machine's load. Only the settings differ.
+
+# %%
+SETTINGS = {
+    "multiplier 4, early ack (default)": {"prefetch_multiplier": 4, "acks_late": False},
+    "multiplier 1, early ack": {"prefetch_multiplier": 1, "acks_late": False},
+    "multiplier 1, acks_late": {"prefetch_multiplier": 1, "acks_late": True},
+    "--disable-prefetch, early ack": {"disable_prefetch": True, "acks_late": False},
+}
+LONG_S = 1.5
+mixed = prefetch.run_mixed(stack, SETTINGS, app="ch06_tasks", task="ch06_tasks.work",
+                           late_task="ch06_tasks.work_late", n_long=3, long_seconds=LONG_S,
+                           n_short=10, short_seconds=0.05)
+base = mixed["multiplier 4, early ack (default)"]
+plots.table([{"setting": label, "makespan s": m["makespan"],
+              "makespan / default": m["makespan"] / base["makespan"],
+              "short p95 s": m["short p95"], "short p95 / default": m["short p95"] / base["short p95"],
+              "longest short wait in a reserve s": m["short wait in a reserve"],
+              "tasks per worker": sorted(m["tasks per worker"].values())}
+             for label, m in mixed.items()])
+
+# %%
+long_ids = {a.id for m in mixed.values() for a in m["attempts"] if a.runtime > LONG_S / 2}
+plots.timelines({label: m["attempts"] for label, m in mixed.items()},
+                f"Two -c 2 workers sharing a queue: 3 tasks of {LONG_S} s, then 10 of 0.05 s",
+                highlight={a.id for m in mixed.values() for a in m["attempts"]} - long_ids);
+
+# %%
+ratio = {label: (m["makespan"] / base["makespan"], m["short p95"] / base["short p95"])
+         for label, m in mixed.items()}
+assert base["short wait in a reserve"] > 0.8 * LONG_S, "default: shorts waited behind a long task"
+assert mixed["multiplier 1, early ack"]["short wait in a reserve"] > 0.8 * LONG_S, \
+    "multiplier 1 alone still holds 2 per worker: a short task waited a whole long one"
+for label in ("multiplier 1, acks_late", "--disable-prefetch, early ack"):
+    makespan, p95 = ratio[label]
+    assert p95 < 0.6 and makespan < 1.05, (label, ratio[label])
+    assert mixed[label]["short wait in a reserve"] < 0.25 * LONG_S, "they waited in Redis instead"
+
+# %% [markdown]
+# In the default run, one worker took two long tasks *and* a share of the short ones: its two
+# children were busy for 1.5 s, so its short tasks waited in its reserve (orange bars after the
+# long ones) while the other worker finished its own shorts and went idle. Multiplier 1 alone
+# does not help: with early ack each worker still holds two messages behind the two running.
+# With multiplier 1 **and** `acks_late`, or with `--disable-prefetch`, a worker whose children
+# are all busy holds nothing more: the short tasks stay in Redis until a free child's worker asks
+# for them. Short-task p95 fell to a fraction of the default's (the table's ratio column: the
+# assertion below asks for under 60%), and the makespan did not grow: it got a little shorter,
+# because no child idled while work waited elsewhere.
+#
+# That is why long tasks want **multiplier 1 with `acks_late`** (or `worker_disable_prefetch`):
+# a message should wait where every worker can still take it, in the broker.
+#
+# **Prefetch cannot starve a task inside one worker.** The worker's main process hands reserved
+# tasks to whichever child is free (`-O fair`, the default since Celery 4, governs only that
+# parent-to-child step; in 5.7 `-O default` is the same strategy). In the default run the worker
+# that ran *fewer* long tasks than it has children ran its short tasks on its free child at once:
+
+# %%
+shown = 0
+for host in base["tasks per worker"]:
+    mine = [a for a in base["attempts"] if a.host == host]
+    long_end = max((a.finished for a in mine if a.id in long_ids), default=None)
+    shorts_here = [a for a in mine if a.id not in long_ids]
+    if sum(a.id in long_ids for a in mine) == 1 and shorts_here:  # one child busy, one free
+        ran_beside = sum(a.started < long_end for a in shorts_here)
+        print(f"{host}: one long task and {len(shorts_here)} short ones; {ran_beside} of them "
+              "started before the long one ended")
+        assert ran_beside == len(shorts_here), "a free child took them: none waited for the long one"
+        shown += 1
+if not shown:
+    print("No worker got exactly one long task in this run (it happens): run the cell above again.")
+
+# %% [markdown]
+# ## Where prefetch could help: many tiny tasks
+#
+# Prefetch exists to hide the broker's round trip: while a child runs one task, the next message
+# is already in the worker. So measure the round trip, and what a tiny task costs Celery. Each
+# worker below (`-c 2`) finds 400 messages waiting at once (published to a side list, then
+# `RENAME`d into its queue), and we time it draining them. In the same cell, raw `LPUSH` and
+# `BRPOP` on the same Redis: the floor a broker round trip sets.
+
+# %%
+TINY = {  # label: (worker setting, task)
+    "acks_late, multiplier 1": ({"prefetch_multiplier": 1}, "ch06_tasks.tiny_late"),
+    "acks_late, multiplier 4": ({"prefetch_multiplier": 4}, "ch06_tasks.tiny_late"),
+    "acks_late, multiplier 16": ({"prefetch_multiplier": 16}, "ch06_tasks.tiny_late"),
+    "early ack, multiplier 4 (default)": ({"prefetch_multiplier": 4}, "ch06_tasks.tiny"),
+    "default + ignore_result": ({"prefetch_multiplier": 4}, "ch06_tasks.tiny_quiet"),
+}
+drainers = [prefetch.workers_for(stack, "ch06_tasks", setting, queue=f"tiny-{i}",
+                                 names=[f"tiny{i}"])[0] for i, (setting, _) in enumerate(TINY.values())]
+stack.start_workers(*drainers)
+stack.clear_records()  # a shorter recording to read
+rates = prefetch.drain_rates(stack, {label: (task, f"tiny-{i}", 400, ())
+                                     for i, (label, (_, task)) in enumerate(TINY.items())})
+raw = prefetch.raw_redis_rates(r)
+stack.stop_workers()
+plots.bars({**{label: m["tasks/s"] for label, m in rates.items()}, "raw LPUSH": raw["LPUSH/s"],
+            "raw BRPOP": raw["BRPOP/s"]}, "Tiny tasks drained by one -c 2 worker, vs raw Redis",
+           "per second (log scale)").set_xscale("log");
+
+# %%
+celery_rate = rates["early ack, multiplier 4 (default)"]["tasks/s"]
+by_multiplier = {label: m["tasks/s"] / rates["acks_late, multiplier 4"]["tasks/s"]
+                 for label, m in rates.items() if label.startswith("acks_late")}
+quiet = rates["default + ignore_result"]["tasks/s"] / celery_rate
+per_task_ms = 2 / celery_rate * 1000  # two children: each spends this long per task
+round_trip_ms = 1000 / raw["BRPOP/s"]
+print(f"Celery: {celery_rate:.0f} tasks/s = {per_task_ms:.2f} ms per task per child; "
+      f"raw BRPOP {raw['BRPOP/s']:.0f}/s = {round_trip_ms:.3f} ms per round trip; "
+      f"Celery / raw = {celery_rate / raw['BRPOP/s']:.3f}")
+print(f"the most prefetch could hide: one round trip per task = "
+      f"{round_trip_ms / per_task_ms:.1%} of a task's cost")
+print("measured, relative to multiplier 4:", {k: round(v, 2) for k, v in by_multiplier.items()},
+      f"| ignore_result: {quiet:.2f}x the default")
+
+# %%
+assert celery_rate < 0.25 * raw["BRPOP/s"], "the broker round trip is not what limits Celery here"
+assert round_trip_ms < 0.1 * per_task_ms, "so prefetch can hide only a small share of the cost"
+stored = lambda label: sum(r.exists(f"celery-task-meta-{i}") for i in rates[label]["ids"])  # noqa: E731
+assert stored("early ack, multiplier 4 (default)") == 400 and stored("default + ignore_result") == 0
+
+# %% [markdown]
+# On a local Redis a round trip costs a small fraction of what Celery spends on each task
+# (decoding, the pool hand-off, the result write, this course's recorder), and prefetch can only
+# hide round trips: the bound printed above. So the multipliers differ here by run-to-run noise
+# (run the cell again and the order changes; on the reference machine they landed within ±15% of
+# each other across repeated runs, in no steady order). Prefetch pays off when the round trip is
+# long next to the task: a broker across a network (a millisecond or more a round trip against a
+# task of a millisecond), or RabbitMQ, which pushes prefetched messages without a request each.
+# `ignore_result=True` drops one Redis write and publish per task (no result was stored, as
+# counted above): it matters for tasks nobody waits on, and leaves no `celery-task-meta-*` keys.
+#
+# ## How much concurrency? Little's law
+#
+# A queue stays short only if the workers can take work as fast as it arrives. **Little's law**:
+# the number of tasks in service on average = arrival rate × time in service. So for 50 calls a
+# second to a service that answers in 0.05 s, 50 × 0.05 = 2.5 children are busy on average: you
+# need at least **3**; with 2, the queue grows without bound. Predict, then measure: four workers with
+# `-c` 1, 2, 4, 8 each drain 10 × c waiting 0.05 s tasks (so each should take about 0.5 s).
+
+# %%
+SERVICE_S, ARRIVAL = 0.05, 50
+needed = ARRIVAL * SERVICE_S
+sizes = [1, 2, 4, 8]
+sized = [stack.worker("ch06_tasks", name=f"c{c}", queues=[f"io-{c}"], concurrency=c,
+                      prefetch_multiplier=1) for c in sizes]
+stack.start_workers(*sized)
+stack.clear_records()
+drained = prefetch.drain_rates(stack, {c: ("ch06_tasks.work", f"io-{c}", 10 * c, (SERVICE_S,))
+                                       for c in sizes}, together=True)
+capacity = {c: m["tasks/s"] for c, m in drained.items()}
+stack.stop_workers()
+plots.table([{"-c": c, "predicted tasks/s (c / service time)": c / SERVICE_S,
+              "measured tasks/s": capacity[c], "vs -c 1": capacity[c] / capacity[1],
+              f"keeps up with {ARRIVAL}/s?": capacity[c] >= ARRIVAL} for c in sizes])
+
+# %%
+print(f"Little's law: {ARRIVAL}/s x {SERVICE_S} s = {needed:.1f} busy children needed on average")
+assert capacity[4] > 2.5 * capacity[1] and capacity[8] > 4 * capacity[1], capacity
+assert capacity[2] < ARRIVAL <= capacity[4], "2 children cannot keep up with 50/s; 4 can"
+
+# %% [markdown]
+# The measured capacity follows c / service time closely for waiting (I/O-bound) work, a little
+# below it (each task also costs Celery a millisecond or two). Size for the peak arrival rate,
+# with headroom: at 100% busy any burst queues. For CPU-bound work the ceiling is the number of
+# cores (chapter 2), whatever `-c` says.
+#
+# ## Autoscaling: let the pool follow the load
+#
+# `--autoscale=4,1` keeps between 1 and 4 children: it grows when the worker has more tasks than
+# processes, and shrinks after the pool has been idle for `AUTOSCALE_KEEPALIVE` seconds (an
+# environment variable, 30 by default: `celery/worker/autoscale.py`; 1 s here, to watch it). A
+# burst of sixteen 0.3 s tasks, and the pool's children counted from the OS every 50 ms:
+
+# %%
+auto = stack.spawn_worker("ch06_tasks", name="auto", queues=["auto"], concurrency=4,
+                          prefetch_multiplier=1, extra_args=["--autoscale=4,1"],
+                          env={"AUTOSCALE_KEEPALIVE": "1"})
+print(" ".join(auto.typed_command), "  with AUTOSCALE_KEEPALIVE=1")
+before = len(auto.children())
+burst = [ch06_tasks.work.apply_async((0.3,), queue="auto").id for _ in range(16)]
+pool = prefetch.sample_pool(auto, 10, until=lambda s: max(n for _, n in s) == 4 and s[-1][1] == 1)
+finished = max(a.finished for a in stack.wait_for(burst)) - min(
+    a.sent for a in stack.records(burst))
+auto.stop()
+plots.steps(pool, f"--autoscale=4,1: pool size during a burst (tasks done at {finished:.1f} s)",
+            "pool children");
+
+# %%
+print(f"children before {before}, most {max(n for _, n in pool)}, last {pool[-1][1]} "
+      f"(at {pool[-1][0]:.1f} s)")
+assert before == 1 and max(n for _, n in pool) == 4 and pool[-1][1] == 1
+assert pool[-1][0] > finished, "it shrank only after the burst was done"
+
+# %% [markdown]
+# The pool grew to its maximum as the burst arrived and went back to one child about a keepalive
+# after the last task. Autoscaling saves memory between bursts; it does not make a burst faster
+# than a fixed pool of the maximum size, and each grow costs a fork.
+#
+# ## Try it
+#
+# Pick the multiplier, the ack mode, `--disable-prefetch`, the concurrency and the mix; each run
+# boots two workers with your setting and two with the default, side by side, and shows both
+# timelines with makespan and short-task p95 as ratios to the default. (The logic is
+# `celerylab.prefetch.run_mixed`, used above.)
+
+# %%
+widgets.prefetch_explorer(stack, app="ch06_tasks", task="ch06_tasks.work",
+                          late_task="ch06_tasks.work_late")
+
+# %% [markdown]
+# ## Lab 6
+#
+# `labs/lab06_prefetch_settings.ipynb`: two workers share a queue of long and short tasks; choose
+# the prefetch, ack mode and concurrency so that short tasks stop waiting behind long ones,
+# without making the whole batch slower.
+
+# %%
+stack.stop()
