@@ -44,3 +44,15 @@ def import_catalog(mb):
     """Memory-hungry: keeps `mb` MiB in the child that runs it."""
     _hoard.append(bytearray(b"\x01") * (mb * 1024 * 1024))
     return os.getpid()
+
+
+@app.task
+def hold(seconds):
+    """Lab 6: waits ``seconds`` (long or short work); acknowledged early, when it starts."""
+    time.sleep(seconds)
+
+
+@app.task(acks_late=True)
+def hold_late(seconds):
+    """Lab 6: the same, acknowledged late (after it returns)."""
+    time.sleep(seconds)
