@@ -281,7 +281,8 @@ for label in ("multiplier 1, acks_late", "--disable-prefetch, early ack"):
 #
 # **Prefetch cannot starve a task inside one worker.** The worker's main process hands reserved
 # tasks to whichever child is free (`-O fair`, the default since Celery 4, governs only that
-# parent-to-child step; in 5.7 `-O default` is the same strategy). In the default run the worker
+# parent-to-child step; `celery/concurrency/asynpool.py` maps `-O default` to the same `fair`
+# strategy). In the default run the worker
 # that ran *fewer* long tasks than it has children ran its short tasks on its free child at once:
 
 # %%
