@@ -9,7 +9,7 @@ RUN apt-get update \
 WORKDIR /course
 COPY pyproject.toml constraints.txt README.md ./
 COPY celerylab ./celerylab
-RUN pip install --no-cache-dir -c constraints.txt -e '.[dev,flower]'
+RUN pip install --no-cache-dir -c constraints.txt -e '.[dev]'
 
 EXPOSE 8888
 CMD ["python", "-m", "celerylab", "open", "--no-browser"]

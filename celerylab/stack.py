@@ -39,6 +39,7 @@ class Stack:
         self.external = bool(os.environ.get("REDIS_URL"))
         self.watchdog = Watchdog.get()
         self._workers: list[Worker] = []
+        self.services: list = []  # other processes of this notebook (Flower, Prometheus), stopped with it
         self._redis: redis.Redis | None = None
         self._control: Celery | None = None
         self.broker_seconds: float | None = None
@@ -114,6 +115,9 @@ class Stack:
     def stop(self) -> None:
         """Stop the workers, then the broker (or release the claimed external database)."""
         global _current
+        for service in self.services:
+            service.stop(timeout=5)
+        self.services = []
         self.stop_workers()
         if self.server:
             self.server.stop()

