@@ -66,10 +66,11 @@ def solution_function(lab: str, name: str):
     """Execute the solution notebook's cell that defines ``name`` and return the function."""
     import base64
     import json
+    import time
 
     import nbformat
     nb = nbformat.read(ROOT / "solutions" / f"{lab}.ipynb", as_version=4)
-    scope = {"json": json, "base64": base64}
+    scope = {"json": json, "base64": base64, "time": time}
     cell = next(c for c in nb.cells if c.cell_type == "code" and f"def {name}(" in c.source)
     exec(compile(cell.source, lab, "exec"), scope)
     return scope[name]

@@ -11,6 +11,7 @@ from celerylab.checks.lab03 import check_lab03
 from celerylab.checks.lab04 import check_lab04
 from celerylab.checks.lab05 import check_lab05
 from celerylab.checks.lab06 import check_lab06
+from celerylab.checks.lab07 import check_lab07
 
 __all__ = ["LabCheckFailed", "MachineTooBusy", "check_lab01", "check_lab02", "check_lab03",
-           "check_lab04", "check_lab05", "check_lab06", "run_lab02_workload"]
+           "check_lab04", "check_lab05", "check_lab06", "check_lab07", "run_lab02_workload"]
