@@ -447,6 +447,7 @@ class Dashboard:
         self.progress = w.FloatProgress(min=0, max=seconds, description="load", bar_style="info")
         self.label = w.Label("")
         self.out = w.Output()
+        self.drawn: dict[str, int] = {}
         self.widget = w.VBox([w.HBox([self.progress, self.label]), self.out])
 
     def refresh(self, elapsed: float | None = None) -> None:
@@ -457,6 +458,9 @@ class Dashboard:
             self.progress.value = min(elapsed, self.seconds)
             self.label.value = f"{elapsed:4.1f} s of {self.seconds:g} s, {len(samples)} samples"
         fig = plot_lag(samples, self.sampler.queues, self.sampler.t0, self.threshold)
+        # what was drawn: points of the age line per queue (the tests read it)
+        self.drawn = {ax.get_label(): len(ax.lines[0].get_xdata())
+                      for ax in fig.axes if ax.lines}
         with self.out:
             self.out.clear_output(wait=True)
             display(fig)
@@ -483,6 +487,7 @@ def plot_lag(samples, queues, t0: float, threshold: float | None = None, alerts=
         ax.set_xlabel("seconds")
         ax.set_title(queue)
         age = ax.twinx()
+        age.set_label(queue)
         age.plot(ts, [s.oldest_age or 0 for s in series], color="tab:red", label="oldest age")
         age.set_ylabel("oldest age (s)", color="tab:red")
         if threshold is not None:
