@@ -48,6 +48,20 @@ def test_compose_file_matches_the_compose_spec():
     assert out.returncode == 0, out.stdout + out.stderr
 
 
+def test_github_workflow_matches_its_schema_and_runs_the_readme_command():
+    workflow = ROOT / ".github" / "workflows" / "course.yml"
+    out = subprocess.run([sys.executable, "-m", "check_jsonschema", "--builtin-schema",
+                          "vendor.github-workflows", str(workflow)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    jobs = yaml.safe_load(workflow.read_text())["jobs"]
+    assert jobs["test"]["strategy"]["matrix"]["python"] == ["3.11", "3.13"]
+    assert any(step.get("run") == "./course test" for step in jobs["test"]["steps"])
+    relax = next(s["run"] for s in jobs["newest-celery"]["steps"] if "sed" in s.get("run", ""))
+    pins = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    for pin in ("celery[redis]>=5.7,<5.8", "kombu>=5.7,<5.8"):  # the sed must still match
+        assert pin in pins and pin.replace("[", "\\[").replace("]", "\\]") in relax
+
+
 def test_compose_file_passes_a_real_compose_config_check():
     for cmd in (["docker", "compose"], ["docker-compose"]):
         if shutil.which(cmd[0]) and subprocess.run([*cmd, "version"], capture_output=True).returncode == 0:
