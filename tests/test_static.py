@@ -62,6 +62,23 @@ def test_github_workflow_matches_its_schema_and_runs_the_readme_command():
         assert pin in pins and pin.replace("[", "\\[").replace("]", "\\]") in relax
 
 
+def test_binder_and_dev_container_install_the_same_pins_and_a_redis_server():
+    """Zero-install ways in: repo2docker (Binder) and a dev container (Codespaces)."""
+    assert "redis-server" in (ROOT / "binder" / "apt.txt").read_text().split()
+    post_build = (ROOT / "binder" / "postBuild").read_text()
+    assert "-c constraints.txt -e '.[dev]'" in post_build
+    start = (ROOT / "binder" / "start").read_text()
+    assert start.splitlines()[0] == "#!/bin/bash" and start.rstrip().endswith('exec "$@"')
+    for script in ("postBuild", "start"):
+        assert (ROOT / "binder" / script).stat().st_mode & 0o111, f"binder/{script} is executable"
+    dev = json.loads((ROOT / ".devcontainer" / "devcontainer.json").read_text())
+    assert "redis-server" in dev["postCreateCommand"]
+    assert "-c constraints.txt -e '.[dev]'" in dev["postCreateCommand"]
+    assert re.search(r"python:3\.1[1-3]", dev["image"]) and 8888 in dev["forwardPorts"]
+    readme = (ROOT / "README.md").read_text()
+    assert "mybinder.org/badge_logo.svg" in readme and "codespaces" in readme.lower()
+
+
 def test_compose_file_passes_a_real_compose_config_check():
     for cmd in (["docker", "compose"], ["docker-compose"]):
         if shutil.which(cmd[0]) and subprocess.run([*cmd, "version"], capture_output=True).returncode == 0:
