@@ -3,6 +3,7 @@
     open     check the machine can run the course, then start JupyterLab on 127.0.0.1 (token on)
     test     the whole test suite (pytest; notebooks in parallel)
     doctor   what is installed, what answers, what is left running
+    preflight  is this laptop ready for a workshop? one line per problem with its fix; exit 0 if so
     reset    stop anything the course left running and delete its runtime files;
              NAME...: restore your workspace copy of those notebooks, --labs: of all of them
              (yours are backed up first)
@@ -253,6 +254,11 @@ def cmd_doctor(args) -> int:
     return 0 if good else 1
 
 
+def cmd_preflight(args) -> int:
+    from celerylab.preflight import run
+    return run()
+
+
 def cmd_bench(args) -> int:
     from celerylab.bench import main as bench
     from celerylab.bench import soak
@@ -279,6 +285,7 @@ def main(argv=None) -> int:
                    help="restore every notebook of your workspace (backs up your versions)")
     p.set_defaults(fn=cmd_reset)
     sub.add_parser("doctor").set_defaults(fn=cmd_doctor)
+    sub.add_parser("preflight").set_defaults(fn=cmd_preflight)
     p = sub.add_parser("bench")
     p.add_argument("--notebooks", action="store_true", help="also time every notebook")
     p.add_argument("--suite", action="store_true", help="also time the whole test suite")
