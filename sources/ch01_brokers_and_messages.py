@@ -260,7 +260,8 @@ assert late_long.get() == {"redelivered": False}, "the backend kept the first co
 # make it write an RDB snapshot on a *clean* shutdown (SIGTERM, `SHUTDOWN`), and load it when it
 # starts. So a clean restart keeps queued messages even without AOF; a crash (SIGKILL, a power
 # cut) loses whatever the last snapshot missed, unless the append-only file (AOF) logged each
-# write (`appendfsync always` here; `everysec` may lose up to a second). Four scratch Redis
+# write (`appendfsync always` here; with `everysec` a power or OS failure may lose up to a second,
+# a killed process nothing). Four scratch Redis
 # servers of the course's own each get 10 messages and are restarted:
 
 # %%

@@ -154,7 +154,7 @@ running.get(timeout=10)
 # `prefetch_count` caps the messages a worker holds *unacknowledged*. Under early ack a message is
 # acknowledged when a child starts its task, so running tasks no longer count: a busy worker holds
 # 4 x 3 = 12 reserved messages **plus** the 3 it runs. A task with a countdown (an ETA) waits
-# inside the worker, not in Redis ("scheduled"), and the worker raises its prefetch count by one
+# inside the worker, not in the queue's list ("scheduled"; its message is in `unacked`), and the worker raises its prefetch count by one
 # for each, so ETA tasks are held on top of the 12. Below, 18 tasks block until the notebook
 # pushes tokens onto a Redis list (`gate`), and 2 tasks have a 10-minute countdown; then we count
 # what the worker says it holds, and what Redis says.
@@ -179,7 +179,7 @@ held = {"running (active)": len(inspect.active()[h]),
         "HLEN unacked": r.hlen("unacked"),
         "prefetch_count": inspect.stats()[h]["prefetch_count"]}
 r.rpush("gate", *["go"] * len(blocked))  # let them all finish
-stack.control.control.revoke([t.id for t in later])  # and drop the countdown tasks
+stack.control.control.revoke([t.id for t in later])  # flag the countdown tasks: never run them
 for name, n in held.items():
     print(f"{name:24} {n}")
 

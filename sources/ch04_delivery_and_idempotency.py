@@ -248,14 +248,24 @@ assert poison["requeued on every death"][0] >= 2 and looping.state not in ("SUCC
 # %% [markdown]
 # The requeued poison message is still looping: it will kill a child forever. A loop like this
 # is stopped by hand: **revoke** the task id (the remote-control command every worker obeys; on
-# the command line `celery -A ch04_tasks control revoke <id>`): the worker then discards the
-# message when it comes back, and stores `REVOKED`.
+# the command line `celery -A ch04_tasks control revoke <id>`). Celery 5.7 stores `REVOKED` as
+# soon as a worker gets the command (unless the task is running right then), and the worker
+# discards the message when it comes back: we wait for both.
 
 # %%
 stack.control.control.revoke(looping.id)
-stack.wait_until(lambda: looping.state == "REVOKED", 15, "the poison message to be discarded")
+
+
+def discarded():  # REVOKED, and the message neither waiting nor held by a worker
+    held = [v for v in r.hvals("unacked") if json.loads(v)[0]["headers"]["id"] == looping.id]
+    return looping.state == "REVOKED" and r.llen("poison") == 0 and not held
+
+
+stack.wait_until(discarded, 15, "the poison message to be discarded")
 print("poison message after revoke:", looping.state, "after", starts_of(looping), "deaths")
-assert looping.state == "REVOKED" and r.llen("poison") == 0
+deaths = starts_of(looping)
+stack.wait_until(lambda: discarded() and starts_of(looping) == deaths, 3, "the loop to stay stopped")
+assert looping.state == "REVOKED"
 stack.stop_workers()
 
 # %% [markdown]
@@ -389,7 +399,8 @@ stack.stop_workers()
 # And the `split` row: `SET NX` and `INCRBY` are two commands. The crash came between them, so the
 # key existed without the effect; the redelivery saw the key, skipped the effect and reported
 # `SUCCESS`: the payment was **lost**, with every record saying it went through. Make the pair
-# atomic (a Lua script or a `MULTI`/`EXEC` transaction), or use an upsert, which is one command.
+# atomic (a Lua script; a plain `MULTI`/`EXEC` cannot make `INCRBY` depend on the `SET NX`
+# result, `WATCH` with a read first can), or use an upsert, which is one command.
 # Lab 4 asks for it.
 #
 # ## Validation at the boundary

@@ -113,9 +113,10 @@ def dead_letter(queue, task, task_id, args, kwargs, exc):
 @signals.task_failure.connect
 def _dead_letter_on_failure(sender=None, task_id=None, exception=None, args=None, kwargs=None,
                             **_):
-    """Once per task that failed for good (not on each retry), for every way it can fail: an
-    exception in the task (sent in the pool child) or the child killed (sent by the worker's
-    main process). Only tasks declared with a `dead_letters` list are dead-lettered."""
+    """Once per task that failed for good (not on each retry): for an exception in the task
+    (sent in the pool child), and by the worker's main process for a killed child, a hard time
+    limit or a Reject(requeue=False). (Nothing is sent for a task lost with its whole worker
+    under early ack: chapter 4.) Only tasks declared with `dead_letters` are dead-lettered."""
     queue = getattr(sender, "dead_letters", None)
     if queue:
         dead_letter(queue, sender, task_id, args, kwargs, exception)
@@ -129,7 +130,8 @@ def import_order(order):
     return flaky_call(order["id"])  # transient: retried twice, then dead-lettered
 
 
-# The tempting way, Task.on_failure: it runs only for an exception raised in the task.
+# The tempting way, Task.on_failure: it runs only for an exception raised in the task (and a
+# hard time limit), not when the child is killed.
 class OnFailureDeadLetters(app.Task):
     def on_failure(self, exc, task_id, args, kwargs, einfo):
         dead_letter("dead-letters:on_failure", self, task_id, args, kwargs, exc)
@@ -156,7 +158,7 @@ def resize_signal(image):
 #
 # The dependency fails a set number of times per call (`fail:<key>`). Each policy gets a call
 # that fails 3 times (jitter: 2 times, eight calls; `sync_half`, whose `retry_backoff=0.5` Celery
-# truncates to a whole 1: 2 times), and one more `sync_manual` call that never
+# raises to a whole 1: 2 times), and one more `sync_manual` call that never
 # recovers. A retry is **a new message with an ETA**, published by the worker; the worker holds it
 # until it is due.
 
@@ -220,7 +222,7 @@ def gaps(task_id):
 measured = {name: gaps(c.id) for name, c in calls.items()}
 formula = {"sync_backoff": [1, 2, 4], "sync_capped": [1, 2, 2], "sync_manual": [0.2, 0.4, 0.8],
            "sync_manual (never recovers)": [0.2, 0.4, 0.8, 1.6],
-           "sync_half (retry_backoff=0.5)": [1, 2]}  # the factor is truncated to a whole 1
+           "sync_half (retry_backoff=0.5)": [1, 2]}  # the factor is raised to a whole 1
 plots.table([{"policy": name, "measured gaps (s)": measured[name], "formula (s)": formula[name],
               "outcome": stack.outcome(calls[name].id)} for name in calls])
 
@@ -244,7 +246,7 @@ assert isinstance(calls["sync_manual (never recovers)"].result, ch05_tasks.Depen
 
 # %% [markdown]
 # With `retry_jitter=True` each delay is a random **whole** number of seconds between 0 and the
-# backoff delay (Celery's backoff works in whole seconds: `retry_backoff=0.5` would be truncated
+# backoff delay (Celery's backoff works in whole seconds: `retry_backoff=0.5` would be raised
 # to 1). Eight callers that failed together no longer retry together. (A 0 s delay has a side
 # effect worth knowing: the retry can run while the attempt that sent it is still storing its
 # `RETRY` state. The backend refuses to overwrite a stored `SUCCESS` (`celery/backends/base.py`
@@ -322,7 +324,8 @@ assert [letter["error"].split(":")[0] for letter in letters] == ["ValueError", "
 # %% [markdown]
 # **Why a signal, and not `Task.on_failure`?** `on_failure` looks like the natural hook, and the
 # two agree for an exception raised inside the task. But `on_failure` runs in the pool child, from
-# Celery's tracer (`celery/app/trace.py`): when the child itself dies (the OOM killer, a segfault
+# Celery's tracer (`celery/app/trace.py`; the one other caller is the main process's handling of
+# a hard time limit): when the child itself dies (the OOM killer, a segfault
 # in a C library), nothing runs in it any more. The worker's main process then stores the failure
 # (`WorkerLostError`), calls the `link_error` errbacks and sends `task_failure`
 # (`celery/worker/request.py`), but never calls `on_failure`. (It is not called for a `Reject`

@@ -41,8 +41,8 @@ assert stack.health()
 #
 # Two settings matter for monitoring, and both are off by default: workers send **task events**
 # only with `worker_send_task_events` (`-E`), and producers send a `task-sent` event only with
-# `task_send_sent_event`. The queues are declared (`task_queues`) so that monitors such as
-# Flower know which queues exist.
+# `task_send_sent_event`. The queues are declared (`task_queues`): Flower reports the lengths of
+# the queues its known workers consume, and of these when it knows no worker.
 
 # %%
 # %%writefile ch07_tasks.py
@@ -85,7 +85,7 @@ def work(seconds):
 # | figure | where it lives | read with |
 # |---|---|---|
 # | depth | the queue's Redis list **and its priority sub-lists** (chapter 3) | `LLEN` of each |
-# | in flight | messages workers took and have not acknowledged | `HLEN unacked`, `inspect().reserved()` |
+# | in flight | messages workers took and have not acknowledged | `HLEN unacked` (= `inspect().reserved()` under early ack; `acks_late` adds running tasks, ETA tasks show in `scheduled()`) |
 # | oldest age | the oldest waiting message, at the right end of the list | `LINDEX q -1` + a publish time |
 # | throughput | tasks finished per second | events, or the course's recording |
 # | workers up | workers answering a remote-control ping | `control.ping()` |
@@ -403,7 +403,9 @@ else:
     print("Prometheus is not installed on this machine, so no server scraped the exporter or "
           "evaluated the rule; the exporter and the Python rule above ran for real. "
           "Install Debian's `prometheus` package (or use the compose profile) to see it.")
-assert "celerylab_queue_oldest_age_seconds" in metrics
+ages = {line.split('"')[1]: float(line.split()[-1]) for line in metrics.splitlines()
+        if line.startswith("celerylab_queue_oldest_age_seconds{")}
+assert ages == {"steady": 0.0, "burst": 0.0, "stall": 0.0}, "drained: nothing waits any more"
 
 # %% [markdown]
 # ## Scaling out, and what an autoscaler should watch
