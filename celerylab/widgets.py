@@ -83,6 +83,39 @@ def queue_explorer(task, r, queue: str = "celery"):
     return w.VBox([w.HBox([count, send, empty]), out])
 
 
+def time_handler(handler, n: int) -> dict:
+    """Call ``handler(i)`` for i in range(n), timing each call: the handler's own latency."""
+    import statistics
+    import time
+    latencies = []
+    for i in range(n):
+        t0 = time.perf_counter()
+        handler(i)
+        latencies.append(time.perf_counter() - t0)
+    return {"requests": n, "median ms": statistics.median(latencies) * 1000,
+            "max ms": max(latencies) * 1000}
+
+
+def handler_timer(handlers: dict, r=None):
+    """Pick a request handler, press the button: n requests, their median latency printed."""
+    import ipywidgets as w
+
+    which = w.ToggleButtons(options=list(handlers), description="handler")
+    count = w.IntSlider(value=5, min=1, max=20, description="requests")
+    go = w.Button(description="handle requests")
+    out = w.Output()
+
+    def on_go(_):
+        got = time_handler(handlers[which.value], count.value)
+        out.clear_output()
+        with out:
+            print(f"{which.value}: {got['requests']} requests, median {got['median ms']:.2f} ms, "
+                  f"slowest {got['max ms']:.2f} ms")
+
+    go.on_click(reported(out, on_go, r))
+    return w.VBox([which, w.HBox([count, go]), out])
+
+
 def latency_experiment(stack, fast_task, slow_task, *, fast_queue: str, slow_queue: str,
                        n_fast: int = 20, n_slow: int = 6, slow_seconds: float = 1.0,
                        timeout: float = 60) -> dict:

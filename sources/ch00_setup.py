@@ -33,7 +33,7 @@ import statistics
 import time
 
 import celerylab
-from celerylab import plots
+from celerylab import plots, widgets
 from celerylab.recording import processes_at_once
 
 stack = celerylab.start("ch00")
@@ -184,6 +184,15 @@ assert statistics.median(enqueue_latency) * 10 < statistics.median(inline_latenc
 assert all(a.state == "SUCCESS" for a in background)
 assert {a.pid for a in background} == set(worker.children()), "both children shared the work"
 assert processes_at_once(background) == 2, "in parallel: both children were busy at one moment"
+
+# %% [markdown]
+# **Try it.** Pick a handler and press the button: each press times a few more requests (the
+# logic is `celerylab.widgets.time_handler`; here it runs once without the button too).
+
+# %%
+once = widgets.time_handler(handle_enqueue, 3)
+assert once["requests"] == 3 and once["median ms"] < statistics.median(inline_latency) * 1000
+widgets.handler_timer({"enqueue": handle_enqueue, "inline": handle_inline}, stack.redis)
 
 # %% [markdown]
 # That is the trade this course is about. The handler became fast and its failure modes changed:

@@ -48,3 +48,13 @@ def test_an_error_in_a_callback_shows_in_the_widget():
 
     widgets.reported(out, boom)(None)
     assert "ValueError: bad value" in "".join(o.get("text", "") for o in out.outputs)
+
+
+def test_time_handler_times_each_request():
+    import time
+
+    from celerylab.widgets import handler_timer, time_handler
+    got = time_handler(lambda i: time.sleep(0.01 * (i + 1)), 3)
+    assert got["requests"] == 3 and 15 <= got["median ms"] < 60 and got["max ms"] >= 30
+    box = handler_timer({"a": lambda i: None, "b": lambda i: None})
+    assert [c.__class__.__name__ for c in box.children] == ["ToggleButtons", "HBox", "Output"]
