@@ -35,7 +35,14 @@ def workspace_dir() -> Path:
     return ws()
 
 
-START = "workspace/notebooks/ch00_setup.ipynb"
+def lab_root_and_start() -> tuple[Path, str]:
+    """JupyterLab's root folder and the first notebook (the learner's copy of chapter 0), relative
+    to it: the course folder, unless CELERYLAB_WORKSPACE puts the workspace outside it."""
+    ws = workspace_dir().resolve()
+    root = ROOT if ws.is_relative_to(ROOT) else ws
+    return root, (ws / "notebooks" / "ch00_setup.ipynb").relative_to(root).as_posix()
+
+
 
 
 def _preflight() -> str:
@@ -113,9 +120,10 @@ def cmd_open(args) -> int:
     port = int(os.environ.get("CELERYLAB_JUPYTER_PORT") or 0) or _free_port(8888)
     token = os.environ.get("JUPYTER_TOKEN") or secrets.token_hex(24)
     ip = os.environ.get("CELERYLAB_JUPYTER_IP", "127.0.0.1")  # 0.0.0.0 only inside Docker
+    root, start = lab_root_and_start()
     cmd = [sys.executable, "-m", "jupyter", "lab", f"--ServerApp.ip={ip}",
            f"--ServerApp.port={port}", "--ServerApp.port_retries=0",
-           f"--ServerApp.root_dir={ROOT}", f"--ServerApp.default_url=/lab/tree/{START}"]
+           f"--ServerApp.root_dir={root}", f"--ServerApp.default_url=/lab/tree/{start}"]
     if args.no_browser or os.environ.get("CI") or os.environ.get("CELERYLAB_NO_BROWSER"):
         cmd.append("--ServerApp.open_browser=False")
     if hasattr(os, "geteuid") and os.geteuid() == 0:
@@ -135,7 +143,7 @@ def cmd_open(args) -> int:
         print(f"celerylab: JupyterLab exited (code {lab.returncode}); see its messages above. "
               f"Is port {port} free? Set CELERYLAB_JUPYTER_PORT to another.", file=sys.stderr)
         return 1
-    print(f"\n  The course is open:  {url}\n  Start with {START} (your copy). "
+    print(f"\n  The course is open:  {url}\n  Start with {start} (your copy). "
           "Stop with Ctrl-C (every worker and Redis the notebooks started stops too).\n",
           flush=True)
 

@@ -1,0 +1,200 @@
+"""The course in a real browser: JupyterLab started by the open command, driven by headless
+Chromium (the system's, through playwright; nothing is downloaded). Chapter 0 and a solved lab
+are run top to bottom from the menu; no cell may end in an error, widgets and images must render,
+and pressing a widget's button must show its result in the notebook. A screenshot of each is
+saved in .celerylab/screenshots/.
+
+The notebooks run in a workspace of the test's own (CELERYLAB_WORKSPACE), never a learner's."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
+
+import pytest
+from conftest import ROOT, course_env
+
+CHROMIUM = next((p for p in (shutil.which(n) for n in ("chromium", "chromium-browser",
+                                                         "google-chrome")) if p), None)
+try:
+    from playwright.sync_api import sync_playwright
+except ImportError:  # pragma: no cover - a dev dependency
+    sync_playwright = None
+
+pytestmark = pytest.mark.skipif(
+    not CHROMIUM or sync_playwright is None,
+    reason="no Chromium on PATH (Debian: apt-get install chromium; .ci/run installs it when "
+           "root): the real-browser test needs a browser and does not download one")
+SHOTS = ROOT / ".celerylab" / "screenshots"
+NB = ".jp-NotebookPanel:not(.lm-mod-hidden)"  # the notebook in view (JupyterLab restores others)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def course(tmp_path_factory):
+    """``./course open`` for real, on a workspace of its own (outside the course folder, so
+    JupyterLab's root is that workspace)."""
+    home = tmp_path_factory.mktemp("browser")
+    workspace = home / "workspace"
+    # every cell rendered (JupyterLab 4 otherwise renders only those in view), in a settings
+    # folder of the test's own
+    settings = home / "settings" / "@jupyterlab" / "notebook-extension"
+    settings.mkdir(parents=True)
+    (settings / "tracker.jupyterlab-settings").write_text('{"windowingMode": "none"}')
+    port = free_port()
+    env = course_env(CELERYLAB_JUPYTER_PORT=str(port), CELERYLAB_NO_BROWSER="1",
+                     CELERYLAB_WORKSPACE=str(workspace),
+                     JUPYTERLAB_SETTINGS_DIR=str(home / "settings"))
+    if "CELERYLAB_VENV" in os.environ:
+        env["CELERYLAB_VENV"] = os.environ["CELERYLAB_VENV"]
+    proc = subprocess.Popen([str(ROOT / "course"), "open"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    seen, url = [], None
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and url is None:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            seen.append(line)
+            m = re.search(r"The course is open:\s+(http://127\.0\.0\.1:\d+)/lab\?token=(\w+)", line)
+            if m:
+                url = m.groups()
+        assert url, "no ready URL printed:\n" + "".join(seen[-30:])
+        shutil.copy(ROOT / "solutions" / "lab01_pending_messages.ipynb",
+                    workspace / "lab01_solved.ipynb")
+        yield {"base": url[0], "token": url[1], "workspace": workspace}
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+
+
+def kernel_idle(course, path: str) -> bool:
+    """The notebook's kernel is up and idle, as the server sees it (REST API)."""
+    import urllib.request
+    url = f"{course['base']}/api/sessions?token={course['token']}"
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        sessions = json.loads(resp.read().decode())
+    return any(s["path"].endswith(path) and s["kernel"]["execution_state"] == "idle"
+               for s in sessions)
+
+
+def saved_counts(page, course, path: str) -> list:
+    page.keyboard.press("Control+s")
+    time.sleep(0.5)
+    nb = json.loads((course["workspace"] / path).read_text())
+    return [c.get("execution_count") for c in nb["cells"] if c["cell_type"] == "code"]
+
+
+def run_all_and_save(page, course, path: str, timeout: float = 120, *,
+                     keep_last: bool = False) -> dict:
+    """Open a notebook, wait for its kernel, Run All from the menu (``keep_last``: all but the
+    last cell, the one that stops the stack, so widgets still have one), wait until those code
+    cells have run (read from the saved file); return the saved notebook (its outputs are what
+    the browser got from the kernel)."""
+    # a JupyterLab workspace (tab layout) of its own: only this notebook open
+    name = re.sub(r"\W", "-", path)
+    page.goto(f"{course['base']}/lab/workspaces/{name}/tree/{path}?reset&token={course['token']}")
+    page.wait_for_selector(f"{NB} .jp-Cell", timeout=60_000)
+    deadline = time.monotonic() + 60
+    while not kernel_idle(course, path):
+        assert time.monotonic() < deadline, f"{path}: its kernel did not start"
+        time.sleep(0.3)
+    cells = page.locator(f"{NB} .jp-CodeCell .jp-InputPrompt")
+    for _attempt in range(3):  # the frontend may still be connecting to the kernel: try again
+        (cells.last if keep_last else cells.first).click()  # select a cell, focus the notebook
+        page.click("li.lm-MenuBar-item:has-text('Run')")
+        page.click("li.lm-Menu-item:has-text('Run All Above Selected Cell')" if keep_last else
+                   "li.lm-Menu-item >> text='Run All Cells'")
+        def started():  # a prompt shows [*] or [n]: the frontend sent the cells to the kernel
+            return any(re.search(r"\[(\*|\d+)\]", p) for p in cells.all_inner_texts())
+        until = time.monotonic() + 10
+        while time.monotonic() < until and not started():
+            time.sleep(0.2)
+        if started():
+            break
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        counts = saved_counts(page, course, path)
+        if counts and all(counts[:-1] if keep_last else counts) and kernel_idle(course, path):
+            break
+        time.sleep(1)
+    else:
+        page.screenshot(path=str(SHOTS / "timeout.png"), full_page=True)
+        raise AssertionError(f"{path}: not every cell ran within {timeout:.0f} s: {counts}")
+    return json.loads((course["workspace"] / path).read_text())
+
+
+def errors_in(nb: dict) -> list[str]:
+    return [f"cell {i}: {o.get('ename')}: {o.get('evalue', '')[:200]}"
+            for i, c in enumerate(nb["cells"]) if c["cell_type"] == "code"
+            for o in c.get("outputs", []) if o["output_type"] == "error"]
+
+
+def test_chapter_0_runs_in_a_real_browser_with_widgets_and_plots(course):
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                     args=["--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            nb = run_all_and_save(page, course, "notebooks/ch00_setup.ipynb", keep_last=True)
+            assert not errors_in(nb), errors_in(nb)
+            images = page.locator(f"{NB} .jp-RenderedImage img")
+            assert images.count() >= 2, "the plots rendered as images"
+            assert all(images.nth(i).evaluate("img => img.naturalWidth > 0")
+                       for i in range(images.count()))
+            button = page.locator(f"{NB} .jupyter-widgets button:has-text('handle requests')")
+            button.wait_for(timeout=20_000)  # the widget rendered, not just its text repr
+            output = page.locator(f"{NB} .jupyter-widgets .jp-OutputArea").last
+            before = output.inner_text()
+            button.scroll_into_view_if_needed()
+            button.click()
+            page.wait_for_function(
+                "(el) => /requests, median [0-9.]+ ms/.test(el.innerText)",
+                arg=output.element_handle(), timeout=20_000)
+            assert output.inner_text() != before
+            assert re.search(r"enqueue: 5 requests, median [\d.]+ ms", output.inner_text())
+            page.screenshot(path=str(SHOTS / "ch00_setup.png"), full_page=True)
+            page.locator(f"{NB} .jp-CodeCell .jp-InputPrompt").last.click()
+            page.keyboard.press("Control+Enter")  # the last cell, stack.stop(); no new cell
+            deadline = time.monotonic() + 30
+            while not all(saved_counts(page, course, "notebooks/ch00_setup.ipynb")):
+                assert time.monotonic() < deadline, "the stack.stop() cell did not run"
+                time.sleep(0.5)
+        finally:
+            browser.close()
+
+
+def test_a_solved_lab_runs_in_a_real_browser_and_passes_its_check(course):
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                     args=["--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            nb = run_all_and_save(page, course, "lab01_solved.ipynb")
+            assert not errors_in(nb), errors_in(nb)
+            text = "".join("".join(o.get("text", "")) for c in nb["cells"] if c["cell_type"] ==
+                           "code" for o in c.get("outputs", []))
+            assert "Lab 1 passed" in text
+            assert page.locator(f"{NB} .jp-OutputArea-output:has-text('Lab 1 passed')").count() == 1
+            page.screenshot(path=str(SHOTS / "lab01_solved.png"), full_page=True)
+        finally:
+            browser.close()
