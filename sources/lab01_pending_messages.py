@@ -50,7 +50,7 @@ import base64
 import json
 
 import celerylab
-from celerylab.checks import check_lab01
+from celerylab.checks import check_lab01, hint_button
 
 stack = celerylab.start("lab01")
 r = stack.redis
@@ -106,6 +106,15 @@ for key in sorted(r.scan_iter(match="lab01-try*")):
     print(key, r.llen(key))
 for message in pending_messages(r, "lab01-try"):
     print(message)
+
+# %% [markdown]
+# ## Stuck?
+#
+# Each press gives a hint, each more specific than the last (three in all); none is
+# the answer. (`hint("lab01")` from `celerylab.checks` does the same in a cell.)
+
+# %%
+hint_button("lab01")
 
 # %% [markdown]
 # ## Check

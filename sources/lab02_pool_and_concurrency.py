@@ -29,7 +29,7 @@
 
 # %%
 import celerylab
-from celerylab.checks import check_lab02
+from celerylab.checks import check_lab02, hint_button
 from celerylab.checks.lab02 import cpu_reference, run_lab02_workload
 
 stack = celerylab.start("lab02")
@@ -67,6 +67,15 @@ for name, layout in (("naive", naive), ("yours", choose_layout())):
     io = "unfinished" if fig["io waves"] is None else f"{fig['io waves']:.1f} x one task"
     print(f"{name:6} CPU-bound tasks {cpu:>10}   I/O-bound tasks {io:>14}   "
           f"({fig['finished']}/{fig['total']} done, {fig['tasks/s']:.1f} tasks/s)")
+
+# %% [markdown]
+# ## Stuck?
+#
+# Each press gives a hint, each more specific than the last (three in all); none is
+# the answer. (`hint("lab02")` from `celerylab.checks` does the same in a cell.)
+
+# %%
+hint_button("lab02")
 
 # %% [markdown]
 # ## Check

@@ -27,7 +27,7 @@
 
 # %%
 import celerylab
-from celerylab.checks import check_lab03
+from celerylab.checks import check_lab03, hint_button
 
 stack = celerylab.start("lab03")
 
@@ -67,6 +67,15 @@ preview.conf.task_routes = routing_plan()["routes"]
 for name in ("celerylab.workloads.lookup", "celerylab.workloads.render_report",
              "celerylab.workloads.import_catalog"):
     print(f"{name:38} -> {preview.amqp.router.route({}, name, (), {})['queue'].name}")
+
+# %% [markdown]
+# ## Stuck?
+#
+# Each press gives a hint, each more specific than the last (three in all); none is
+# the answer. (`hint("lab03")` from `celerylab.checks` does the same in a cell.)
+
+# %%
+hint_button("lab03")
 
 # %% [markdown]
 # ## Check

@@ -53,7 +53,7 @@
 
 # %%
 import celerylab
-from celerylab.checks import check_lab04
+from celerylab.checks import check_lab04, hint_button
 
 stack = celerylab.start("lab04")
 
@@ -130,6 +130,15 @@ def apply_payment(payment_id, account, amount_cents):
     ### END SOLUTION
     bank("notify", payment_id, 1.0)
 
+
+# %% [markdown]
+# ## Stuck?
+#
+# Each press gives a hint, each more specific than the last (three in all); none is
+# the answer. (`hint("lab04")` from `celerylab.checks` does the same in a cell.)
+
+# %%
+hint_button("lab04")
 
 # %% [markdown]
 # ## Check

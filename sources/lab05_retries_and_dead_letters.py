@@ -40,7 +40,7 @@
 import json
 
 import celerylab
-from celerylab.checks import check_lab05
+from celerylab.checks import check_lab05, hint_button
 
 stack = celerylab.start("lab05")
 
@@ -145,6 +145,15 @@ def replay_dead_letters(r, send_task):
     return results
     ### END SOLUTION
 
+
+# %% [markdown]
+# ## Stuck?
+#
+# Each press gives a hint, each more specific than the last (three in all); none is
+# the answer. (`hint("lab05")` from `celerylab.checks` does the same in a cell.)
+
+# %%
+hint_button("lab05")
 
 # %% [markdown]
 # ## Check

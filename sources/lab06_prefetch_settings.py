@@ -30,7 +30,7 @@
 # %%
 import celerylab
 from celerylab import prefetch
-from celerylab.checks import check_lab06
+from celerylab.checks import check_lab06, hint_button
 
 stack = celerylab.start("lab06")
 
@@ -63,6 +63,15 @@ for w in prefetch.workers_for(stack, "celerylab.workloads", settings, queue="lab
     print(" ".join(w.typed_command))
 print("tasks sent:", "celerylab.workloads.hold_late" if settings.get("acks_late")
       else "celerylab.workloads.hold")
+
+# %% [markdown]
+# ## Stuck?
+#
+# Each press gives a hint, each more specific than the last (three in all); none is
+# the answer. (`hint("lab06")` from `celerylab.checks` does the same in a cell.)
+
+# %%
+hint_button("lab06")
 
 # %% [markdown]
 # ## Check

@@ -39,7 +39,7 @@ import json
 import time
 
 import celerylab
-from celerylab.checks import check_lab07
+from celerylab.checks import check_lab07, hint_button
 
 stack = celerylab.start("lab07")
 r = stack.redis
@@ -101,6 +101,15 @@ now = time.time()
 draining = [{"t": now + i / 4, "depth": 40 - 4 * i, "oldest_age": 0.1 * i} for i in range(10)]
 stuck = [{"t": now + i / 4, "depth": 3 + i, "oldest_age": 1.0 + i / 4} for i in range(24)]
 print("draining:", lag_alert(draining), " stuck:", lag_alert(stuck))
+
+# %% [markdown]
+# ## Stuck?
+#
+# Each press gives a hint, each more specific than the last (three in all); none is
+# the answer. (`hint("lab07")` from `celerylab.checks` does the same in a cell.)
+
+# %%
+hint_button("lab07")
 
 # %% [markdown]
 # ## Check

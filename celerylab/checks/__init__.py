@@ -5,6 +5,7 @@ Each runs the learner's code against the live stack and prints what passed, or r
 """
 
 from celerylab.checks.common import LabCheckFailed, MachineTooBusy
+from celerylab.checks.hints import hint, hint_button
 from celerylab.checks.lab01 import check_lab01
 from celerylab.checks.lab02 import check_lab02, run_lab02_workload
 from celerylab.checks.lab03 import check_lab03
@@ -14,4 +15,4 @@ from celerylab.checks.lab06 import check_lab06
 from celerylab.checks.lab07 import check_lab07
 
 __all__ = ["LabCheckFailed", "MachineTooBusy", "check_lab01", "check_lab02", "check_lab03",
-           "check_lab04", "check_lab05", "check_lab06", "check_lab07", "run_lab02_workload"]
+           "check_lab04", "check_lab05", "check_lab06", "check_lab07", "hint", "hint_button", "run_lab02_workload"]

@@ -1,0 +1,112 @@
+"""Progressive hints for every lab: ``hint("lab03")`` prints the next one (three in all, each more
+specific than the last, none the answer); ``hint("lab03", 2)`` a given one; ``hint_button("lab03")``
+the same behind a button. A test checks that no hint contains a line of any solution's code.
+"""
+
+from __future__ import annotations
+
+HINTS: dict[str, list[str]] = {
+    "lab01": [
+        "A queue is one or more Redis lists. Which list commands read without removing anything?",
+        "Read every list of the queue: its bare name and its three priority sub-lists. A worker "
+        "takes from the right end of a list, and from the bare list before any sub-list.",
+        "Each item is a JSON envelope. The arguments are in `body` (base64 of JSON: args, kwargs "
+        "and one more item); `task`, `id`, `retries` and `eta` are in `headers`. Walk each list "
+        "from its right end to its left end, bare list first, then steps 3, 6 and 9.",
+    ],
+    "lab02": [
+        "Two kinds of work want two kinds of pool: which pool gives CPU-bound work more than one "
+        "core, and which one lets many waiting tasks overlap cheaply?",
+        "Route each kind of work to its own worker (two workers, each consuming one queue). For "
+        "the CPU-bound worker, how many processes can run at the same moment on this machine?",
+        "CPU-bound: processes, as many as the cores. I/O-bound: sixty tasks that only wait finish "
+        "in about one task's time when about sixty of them can wait at once; chapter 2's "
+        "throughput table shows which pool does that without a process per task.",
+    ],
+    "lab03": [
+        "The lookups wait behind slow work: where do they wait, and who else takes from there?",
+        "Give each kind of work its own queue, and the lookups a worker that serves nothing else. "
+        "Split the budget by what each kind needs, not evenly.",
+        "Imports keep 150 MiB in the process that ran them: a worker setting replaces a child "
+        "after a task once it has grown past a size (chapter 2). Run one import at a time there.",
+    ],
+    "lab04": [
+        "List the ways one payment can run: twice at once, once more after a crash, once more "
+        "much later. Which of them does the acknowledgement mode decide, and which not?",
+        "A pool process can die mid-payment while its worker lives on: chapter 4's table shows "
+        "which task options make the worker give that message another chance.",
+        "Remember each payment id, and credit the account in the same atomic step that records "
+        "the id (one Redis command, a Lua script, or a transaction that runs all or nothing), "
+        "kept at least as long as a redelivery can take.",
+    ],
+    "lab05": [
+        "Which of the dependency's errors can a later attempt fix? Retry only those, and let "
+        "Celery compute the waits (chapter 5's autoretry options).",
+        "Growing waits, a cap and jitter are three options; the check reads them and measures "
+        "them. For the dead letters: some failures kill the process that ran the task. What "
+        "runs, and where, when that happens?",
+        "Chapter 5 builds its dead-letter queue on a signal the worker's main process sends too. "
+        "For the replay: letters pushed on one end come out oldest first from the other end; "
+        "count them before you start, so letters that fail again wait for the next replay.",
+    ],
+    "lab06": [
+        "Where do the short tasks wait while a worker's children are all busy with long tasks?",
+        "A busy worker should hold nothing it cannot start now, so that an idle worker can take "
+        "it from Redis. Which settings decide what a busy worker holds (chapter 6's table)?",
+        "Under early ack a running task no longer counts against the prefetch limit; under late "
+        "acknowledgement it does. Compare what each row of chapter 6's table holds beside two "
+        "running tasks, and keep two children per worker.",
+    ],
+    "lab07": [
+        "Depth says how much waits; what says how long the oldest has waited? Read both without "
+        "removing anything.",
+        "A queue's oldest message is at the right end of one of its lists (bare list and priority "
+        "sub-lists); its publish time is in its headers. For the alert: a burst drains by itself "
+        "within about 2 s, a stall keeps getting older.",
+        "Fire when the oldest age has stayed above a threshold for a short while (a few readings), "
+        "and stop firing as soon as it is below again; pick the threshold between what a burst "
+        "reaches and what a stall reaches within the 6 s the check allows.",
+    ],
+}
+
+_given: dict[str, int] = {}
+
+
+def hint(lab: str, level: int | None = None) -> str:
+    """Print (and return) the next hint for ``lab`` ("lab03"), or hint number ``level`` (1-3)."""
+    hints = HINTS.get(lab)
+    if hints is None:
+        raise ValueError(f"no hints for {lab!r}; labs: {', '.join(sorted(HINTS))}")
+    if level is None:
+        level = min(_given.get(lab, 0) + 1, len(hints))
+    if not 1 <= level <= len(hints):
+        raise ValueError(f"{lab} has hints 1 to {len(hints)}")
+    _given[lab] = max(_given.get(lab, 0), level)
+    more = "" if level == len(hints) else f"  (hint({lab!r}) again for hint {level + 1})"
+    text = f"Hint {level} of {len(hints)}: {hints[level - 1]}{more}"
+    print(text)
+    return text
+
+
+def hint_button(lab: str):
+    """A button that shows the next hint each time it is pressed."""
+    import contextlib
+    import io
+
+    import ipywidgets as w
+
+    button = w.Button(description="next hint", icon="lightbulb-o")
+    out = w.Output()
+
+    def on_click(_):
+        buffer = io.StringIO()
+        with contextlib.redirect_stdout(buffer):
+            hint(lab)
+        with out:
+            print(buffer.getvalue(), end="")
+        if _given.get(lab, 0) >= len(HINTS[lab]):
+            button.disabled = True
+            button.description = "no more hints"
+
+    button.on_click(on_click)
+    return w.VBox([button, out])
