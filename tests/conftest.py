@@ -110,3 +110,50 @@ def expect_verdict(check, *args, hint: str | None = None, tries: int = 3):
                 pytest.fail(f"a wrong answer was accepted (expected a hint matching {hint!r})")
             return
     pytest.skip(f"the machine was too busy to judge {tries} times in a row")
+
+
+def open_course(**env):
+    """Start ``./course open`` as a learner does (own process group); wait for its ready line.
+    Returns (process, url, token, port, output lines so far); the caller stops the process."""
+    import re
+    import subprocess
+    import time
+    env = course_env(CELERYLAB_NO_BROWSER="1", **env)
+    if "CELERYLAB_VENV" in os.environ:
+        env["CELERYLAB_VENV"] = os.environ["CELERYLAB_VENV"]
+    proc = subprocess.Popen([str(ROOT / "course"), "open"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    seen, found = [], None
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and found is None:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        seen.append(line)
+        found = re.search(r"The course is open:\s+(http://127\.0\.0\.1:(\d+))/lab\?token=(\w+)",
+                          line)
+    if found is None:
+        stop_course(proc)
+        raise AssertionError("no ready URL printed:\n" + "".join(seen[-30:]))
+
+    def drain():  # keep reading, so JupyterLab never blocks on a full pipe
+        for line in proc.stdout:
+            seen.append(line)
+    import threading
+    threading.Thread(target=drain, daemon=True).start()
+    return proc, found.group(1), found.group(3), int(found.group(2)), seen
+
+
+def stop_course(proc, sig=None, group: bool = True) -> None:
+    """Stop an open command as a terminal's Ctrl-C does (SIGINT to the group), or ``sig``."""
+    import signal
+    import subprocess
+    send = os.killpg if group else os.kill
+    send(proc.pid, sig or signal.SIGINT)
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(5)
+

@@ -9,16 +9,13 @@ The notebooks run in a workspace of the test's own (CELERYLAB_WORKSPACE), never 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import signal
 import socket
-import subprocess
 import time
 
 import pytest
-from conftest import ROOT, course_env
+from conftest import ROOT, open_course, stop_course
 
 CHROMIUM = next((p for p in (shutil.which(n) for n in ("chromium", "chromium-browser",
                                                          "google-chrome")) if p), None)
@@ -52,37 +49,28 @@ def course(tmp_path_factory):
     settings = home / "settings" / "@jupyterlab" / "notebook-extension"
     settings.mkdir(parents=True)
     (settings / "tracker.jupyterlab-settings").write_text('{"windowingMode": "none"}')
-    port = free_port()
-    env = course_env(CELERYLAB_JUPYTER_PORT=str(port), CELERYLAB_NO_BROWSER="1",
-                     CELERYLAB_WORKSPACE=str(workspace),
-                     JUPYTERLAB_SETTINGS_DIR=str(home / "settings"))
-    if "CELERYLAB_VENV" in os.environ:
-        env["CELERYLAB_VENV"] = os.environ["CELERYLAB_VENV"]
-    proc = subprocess.Popen([str(ROOT / "course"), "open"], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    seen, url = [], None
+    proc, base, token, _port, _seen = open_course(
+        CELERYLAB_JUPYTER_PORT=str(free_port()), CELERYLAB_WORKSPACE=str(workspace),
+        JUPYTERLAB_SETTINGS_DIR=str(home / "settings"))
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and url is None:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            seen.append(line)
-            m = re.search(r"The course is open:\s+(http://127\.0\.0\.1:\d+)/lab\?token=(\w+)", line)
-            if m:
-                url = m.groups()
-        assert url, "no ready URL printed:\n" + "".join(seen[-30:])
         shutil.copy(ROOT / "solutions" / "lab01_pending_messages.ipynb",
                     workspace / "lab01_solved.ipynb")
-        yield {"base": url[0], "token": url[1], "workspace": workspace}
+        yield {"base": base, "token": token, "workspace": workspace}
     finally:
-        os.killpg(proc.pid, signal.SIGINT)
+        stop_course(proc)
+
+
+@pytest.fixture
+def page():
+    """A page of the system's headless Chromium; closed afterwards."""
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                     args=["--no-sandbox", "--disable-gpu"])
         try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(5)
+            yield browser.new_page(viewport={"width": 1400, "height": 1000})
+        finally:
+            browser.close()
 
 
 def kernel_idle(course, path: str) -> bool:
@@ -147,54 +135,38 @@ def errors_in(nb: dict) -> list[str]:
             for o in c.get("outputs", []) if o["output_type"] == "error"]
 
 
-def test_chapter_0_runs_in_a_real_browser_with_widgets_and_plots(course):
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True,
-                                     args=["--no-sandbox", "--disable-gpu"])
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            nb = run_all_and_save(page, course, "notebooks/ch00_setup.ipynb", keep_last=True)
-            assert not errors_in(nb), errors_in(nb)
-            images = page.locator(f"{NB} .jp-RenderedImage img")
-            assert images.count() >= 2, "the plots rendered as images"
-            assert all(images.nth(i).evaluate("img => img.naturalWidth > 0")
-                       for i in range(images.count()))
-            button = page.locator(f"{NB} .jupyter-widgets button:has-text('handle requests')")
-            button.wait_for(timeout=20_000)  # the widget rendered, not just its text repr
-            output = page.locator(f"{NB} .jupyter-widgets .jp-OutputArea").last
-            before = output.inner_text()
-            button.scroll_into_view_if_needed()
-            button.click()
-            page.wait_for_function(
-                "(el) => /requests, median [0-9.]+ ms/.test(el.innerText)",
-                arg=output.element_handle(), timeout=20_000)
-            assert output.inner_text() != before
-            assert re.search(r"enqueue: 5 requests, median [\d.]+ ms", output.inner_text())
-            page.screenshot(path=str(SHOTS / "ch00_setup.png"), full_page=True)
-            page.locator(f"{NB} .jp-CodeCell .jp-InputPrompt").last.click()
-            page.keyboard.press("Control+Enter")  # the last cell, stack.stop(); no new cell
-            deadline = time.monotonic() + 30
-            while not all(saved_counts(page, course, "notebooks/ch00_setup.ipynb")):
-                assert time.monotonic() < deadline, "the stack.stop() cell did not run"
-                time.sleep(0.5)
-        finally:
-            browser.close()
+def test_chapter_0_runs_in_a_real_browser_with_widgets_and_plots(course, page):
+    nb = run_all_and_save(page, course, "notebooks/ch00_setup.ipynb", keep_last=True)
+    assert not errors_in(nb), errors_in(nb)
+    images = page.locator(f"{NB} .jp-RenderedImage img")
+    assert images.count() >= 2, "the plots rendered as images"
+    assert all(images.nth(i).evaluate("img => img.naturalWidth > 0")
+               for i in range(images.count()))
+    button = page.locator(f"{NB} .jupyter-widgets button:has-text('handle requests')")
+    button.wait_for(timeout=20_000)  # the widget rendered, not just its text repr
+    output = page.locator(f"{NB} .jupyter-widgets .jp-OutputArea").last
+    before = output.inner_text()
+    button.scroll_into_view_if_needed()
+    button.click()
+    page.wait_for_function(
+        "(el) => /requests, median [0-9.]+ ms/.test(el.innerText)",
+        arg=output.element_handle(), timeout=20_000)
+    assert output.inner_text() != before
+    assert re.search(r"enqueue: 5 requests, median [\d.]+ ms", output.inner_text())
+    page.screenshot(path=str(SHOTS / "ch00_setup.png"), full_page=True)
+    page.locator(f"{NB} .jp-CodeCell .jp-InputPrompt").last.click()
+    page.keyboard.press("Control+Enter")  # the last cell, stack.stop(); no new cell
+    deadline = time.monotonic() + 30
+    while not all(saved_counts(page, course, "notebooks/ch00_setup.ipynb")):
+        assert time.monotonic() < deadline, "the stack.stop() cell did not run"
+        time.sleep(0.5)
 
 
-def test_a_solved_lab_runs_in_a_real_browser_and_passes_its_check(course):
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True,
-                                     args=["--no-sandbox", "--disable-gpu"])
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            nb = run_all_and_save(page, course, "lab01_solved.ipynb")
-            assert not errors_in(nb), errors_in(nb)
-            text = "".join("".join(o.get("text", "")) for c in nb["cells"] if c["cell_type"] ==
-                           "code" for o in c.get("outputs", []))
-            assert "Lab 1 passed" in text
-            assert page.locator(f"{NB} .jp-OutputArea-output:has-text('Lab 1 passed')").count() == 1
-            page.screenshot(path=str(SHOTS / "lab01_solved.png"), full_page=True)
-        finally:
-            browser.close()
+def test_a_solved_lab_runs_in_a_real_browser_and_passes_its_check(course, page):
+    nb = run_all_and_save(page, course, "lab01_solved.ipynb")
+    assert not errors_in(nb), errors_in(nb)
+    text = "".join("".join(o.get("text", "")) for c in nb["cells"] if c["cell_type"] ==
+                   "code" for o in c.get("outputs", []))
+    assert "Lab 1 passed" in text
+    assert page.locator(f"{NB} .jp-OutputArea-output:has-text('Lab 1 passed')").count() == 1
+    page.screenshot(path=str(SHOTS / "lab01_solved.png"), full_page=True)

@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import re
-import signal
 import socket
-import subprocess
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import course_env
+from conftest import open_course, stop_course
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,45 +25,19 @@ def test_course_open_serves_jupyterlab_with_a_token(stop):
     terminal does (Ctrl-C: SIGINT to the whole group) or a script does (SIGINT to the command
     alone, no terminal): both stop JupyterLab."""
     port = free_port()
-    env = course_env(CELERYLAB_JUPYTER_PORT=str(port), CELERYLAB_NO_BROWSER="1")
-    if "CELERYLAB_VENV" in os.environ:
-        env["CELERYLAB_VENV"] = os.environ["CELERYLAB_VENV"]
-    proc = subprocess.Popen([str(ROOT / "course"), "open"], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    seen, url = [], None
+    proc, base, token, got_port, seen = open_course(CELERYLAB_JUPYTER_PORT=str(port))
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and url is None:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            seen.append(line)
-            m = re.search(r"The course is open:\s+(http://127\.0\.0\.1:(\d+)/lab\?token=(\w+))", line)
-            if m:
-                url = m.group(1)
-        assert url, "no ready URL printed:\n" + "".join(seen[-30:])
-        assert int(re.search(r":(\d+)/", url).group(1)) == port
-        token = url.rsplit("=", 1)[1]
+        assert got_port == port
         assert len(token) >= 32
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/status?token={token}",
-                                    timeout=5) as resp:
+        with urllib.request.urlopen(f"{base}/api/status?token={token}", timeout=5) as resp:
             assert resp.status == 200
         try:  # the token is on: no access without it
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/api/contents", timeout=5)
+            urllib.request.urlopen(f"{base}/api/contents", timeout=5)
             raise AssertionError("JupyterLab answered without a token")
         except urllib.error.HTTPError as err:
             assert err.code == 403
     finally:
-        if stop == "ctrl-c":
-            os.killpg(proc.pid, signal.SIGINT)
-        else:
-            os.kill(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(5)
+        stop_course(proc, group=(stop == "ctrl-c"))
     assert proc.returncode == 0, "".join(seen[-20:])
     with socket.socket() as s:
         assert s.connect_ex(("127.0.0.1", port)) != 0, "JupyterLab still listening after stop"
