@@ -19,14 +19,17 @@
 #   seconds since the epoch, in its `headers` under `celerylab_sent_at` (the envelope is JSON);
 # * a monitor runs all day beside the workers: it must only read Redis.
 #
-# **What the check does.** First it reads a queue of known contents with your sampler (its
-# oldest message waits in a priority sub-list). Then, live, three queues take a steady load of
-# 50 ms tasks, and your sampler and alert run every 0.25 s on each:
+# **What the check does.** First it reads two queues of known contents with your sampler (in
+# one the oldest message waits in a priority sub-list, in the other in the bare list behind a
+# long backlog, next to a queue whose name starts the same), through a client that may only read.
+# Then, live, three queues take a steady load of 50 ms tasks, and your sampler and alert run
+# every 0.25 s on each; your readings are compared with the queues' own, and each reading should
+# take milliseconds:
 #
 # | queue | what happens | your alert must |
 # |---|---|---|
 # | `lab07-steady` | its worker keeps up | stay quiet |
-# | `lab07-burst` | 60 extra messages at once; its worker drains them (the oldest waits at most 2 s) | stay quiet |
+# | `lab07-burst` | 80 extra messages at once; its worker drains them (the oldest waits about 1 s, at most 2 s) | stay quiet |
 # | `lab07-stall` | its worker is frozen at 1 s; a second worker is added at 8 s | fire within 6 s of the freeze, and clear within 2 s once the queue has drained |
 #
 # > **How to run this lab.** "Run All" stops at the first place you are meant to write (a cell

@@ -55,8 +55,22 @@ def test_lab07_accepts_the_solution(stack, capsys):
     assert "Lab 7 passed" in capsys.readouterr().out
 
 
+def alert_hysteresis(history):
+    """Unusual but right: on above 2.5 s for two readings, off below 0.5 s."""
+    on = False
+    for prev, h in zip([None, *history], history, strict=False):
+        age, before = h["oldest_age"] or 0, (prev["oldest_age"] or 0) if prev else 0
+        on = (age > 2.5 and before > 2.5) or (on and age >= 0.5)
+    return on
+
+
 def test_lab07_accepts_an_unusual_right_answer(stack, capsys):
     run_check(sampler_lrange, alert_median_of_three, stack)
+    assert "Lab 7 passed" in capsys.readouterr().out
+
+
+def test_lab07_accepts_a_hysteresis_alert(stack, capsys):
+    run_check(SAMPLER, alert_hysteresis, stack)
     assert "Lab 7 passed" in capsys.readouterr().out
 
 
@@ -100,15 +114,59 @@ def sampler_stub(r, queue):
     raise NotImplementedError
 
 
+def sampler_sub_lists_age_only(r, queue):
+    """Depth right, but the age only from the priority sub-lists."""
+    got = SAMPLER(r, queue)
+    stamps = [json.loads(x)["headers"]["celerylab_sent_at"] for x in
+              (r.lindex(f"{queue}{SUB}{s}", -1) for s in (3, 6, 9)) if x]
+    return {**got, "oldest_age": time.time() - min(stamps) if stamps else None}
+
+
+def sampler_scan_prefix(r, queue):
+    """Finds the lists with SCAN MATCH queue*: also counts a neighbour queue."""
+    names = [k.decode() for k in r.scan_iter(match=f"{queue}*")]
+    depth = sum(r.llen(n) for n in names)
+    got = SAMPLER(r, queue)
+    return {**got, "depth": depth}
+
+
+def sampler_capped_lrange(r, queue):
+    """Reads at most 100 messages of each list."""
+    depth, stamps = 0, []
+    for name in [queue, *(f"{queue}{SUB}{s}" for s in (3, 6, 9))]:
+        items = r.lrange(name, 0, 99)
+        depth += len(items)
+        stamps += [json.loads(x)["headers"]["celerylab_sent_at"] for x in items]
+    return {"depth": depth, "oldest_age": (time.time() - min(stamps)) if stamps else None}
+
+
+def sampler_lua_that_writes(r, queue):
+    """Reads through a script, which also leaves a note in Redis."""
+    r.eval("redis.call('set', 'lab07:last-read', ARGV[1]) return 1", 0, queue)
+    return SAMPLER(r, queue)
+
+
+def sampler_waits_for_work(r, queue):
+    while r.llen(queue) == 0:
+        time.sleep(0.05)
+    return SAMPLER(r, queue)
+
+
 @pytest.mark.parametrize("sampler, hint", [
     (sampler_stub, "sample_queue is not written yet"),
-    (sampler_bare_list, r"depth of 3 for a queue holding 6 messages .*Count every list"),
-    (sampler_newest, "Which end of a list is the oldest"),
-    (sampler_milliseconds, "which unit is the age in"),
-    (sampler_pop_and_push_back, "sample_queue changed Redis"),
+    (sampler_bare_list, r"read a depth of \d+ for a queue holding \d+ messages .*Count every list"),
+    (sampler_newest, "younger than the oldest message: which end"),
+    (sampler_milliseconds, "thousand times too large: which unit"),
+    (sampler_pop_and_push_back, "sample_queue tried to change Redis"),
     (sampler_age_zero_when_empty, "For an empty queue"),
+    (sampler_sub_lists_age_only, r"lab07-probe-b.*the bare list, behind 120"),
+    (sampler_scan_prefix, "and nothing else"),
+    (sampler_capped_lrange, r"read a depth of 102 for a queue holding 123"),
+    (sampler_lua_that_writes, "sample_queue tried to change Redis"),
+    (sampler_waits_for_work, "did not return within 2 s"),
 ], ids=["stub", "bare-list-only", "newest-end", "milliseconds", "pop-and-push-back",
-        "zero-age-when-empty"])
+        "zero-age-when-empty", "age-from-sub-lists-only", "scan-prefix", "lrange-capped",
+        "script-that-writes", "waits-for-work"])
 def test_lab07_rejects_wrong_samplers_fast(stack, sampler, hint):
     t0 = time.monotonic()
     with pytest.raises(LabCheckFailed, match=hint):
@@ -139,14 +197,61 @@ def alert_returns_none(history):
         return True
 
 
+def alert_single_reading_low(history):
+    return (history[-1]["oldest_age"] or 0) > 0.7
+
+
+def alert_edge_triggered(history):
+    """True only on the reading where the age crosses the threshold."""
+    return len(history) >= 2 and (history[-1]["oldest_age"] or 0) > 3 >= \
+        (history[-2]["oldest_age"] or 0)
+
+
+def alert_slow_to_clear(history):
+    """Stays on until the age has been low for 3 s."""
+    on, quiet_since = False, None
+    for h in history:
+        if (h["oldest_age"] or 0) > 3:
+            on, quiet_since = True, None
+        elif on:
+            quiet_since = quiet_since or h["t"]
+            if h["t"] - quiet_since >= 3.0:
+                on = False
+    return on
+
+
+def sampler_with_in_flight(r, queue):
+    """Counts what workers hold, too (HLEN unacked): not waiting."""
+    got = SAMPLER(r, queue)
+    return {**got, "depth": got["depth"] + r.hlen("unacked")}
+
+
+def sampler_slow(r, queue):
+    time.sleep(0.6)
+    return SAMPLER(r, queue)
+
+
+def test_lab07_rejects_a_sampler_counting_in_flight_messages(stack):
+    with pytest.raises(LabCheckFailed, match="readings of lab07-.* differ from the queue"):
+        run_check(sampler_with_in_flight, ALERT, stack)
+
+
+def test_lab07_rejects_a_sampler_too_slow_for_a_burst(stack):
+    with pytest.raises(LabCheckFailed, match=r"A reading of sample_queue took 0\.6\d s"):
+        run_check(sampler_slow, alert_on_depth, stack)
+
+
 @pytest.mark.parametrize("alert, hint", [
+    (alert_single_reading_low, r"fired for lab07-(burst|steady)"),
+    (alert_edge_triggered, "went quiet .* while the queue was still stalled"),
+    (alert_slow_to_clear, "still firing for lab07-stall"),
     (alert_on_depth, r"fired for lab07-burst .*depth had reached"),
     (alert_latching, "still firing for lab07-stall .* after the queue had drained"),
     (alert_too_lenient, "never fired for lab07-stall"),
     (alert_twitchy, "fired for lab07-(steady|burst)"),
     (alert_returns_none, r"lag_alert returned None"),
-], ids=["depth-threshold", "never-clears", "threshold-too-high", "no-waiting-period",
-        "returns-none"])
+], ids=["low-threshold-no-wait", "edge-triggered", "slow-to-clear", "depth-threshold",
+        "never-clears", "threshold-too-high", "no-waiting-period", "returns-none"])
 def test_lab07_rejects_wrong_alerts(stack, alert, hint):
     with pytest.raises(LabCheckFailed, match=hint):
         run_check(SAMPLER, alert, stack)
