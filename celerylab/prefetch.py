@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import json
 import time
+from types import MappingProxyType
 
 from celerylab.recording import percentile
 
-DEFAULT = {"prefetch_multiplier": 4, "acks_late": False, "disable_prefetch": False,
-           "concurrency": 2}
+# Celery's defaults (read-only: a notebook that edits "the defaults" in place must not change what
+# later experiments and lab 6's reference run)
+DEFAULT = MappingProxyType({"prefetch_multiplier": 4, "acks_late": False,
+                            "disable_prefetch": False, "concurrency": 2})
 
 
 def describe(setting: dict) -> str:

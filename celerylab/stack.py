@@ -43,6 +43,7 @@ class Stack:
         self._redis: redis.Redis | None = None
         self._control: Celery | None = None
         self.broker_seconds: float | None = None
+        self.stopped = False
 
     # lifecycle -------------------------------------------------------------------------------
     def start(self) -> Stack:
@@ -100,8 +101,14 @@ class Stack:
         threads = [threading.Thread(target=boot, args=(w,)) for w in workers]
         for t in threads:
             t.start()
-        for t in threads:
-            t.join()
+        try:
+            for t in threads:
+                t.join()
+        except BaseException:  # interrupted (Ctrl-C, a kernel interrupt) while they boot
+            for t in threads:
+                t.join(timeout=30)  # let each boot end, then stop what did start
+            self.stop_workers()
+            raise
         if errors:
             self.stop_workers()
             raise errors[0]
@@ -126,6 +133,7 @@ class Stack:
         if self._redis is not None:
             self._redis.close()
         shutil.rmtree(self.rundir, ignore_errors=True)
+        self.stopped = True
         if _current is self:
             _current = None
 

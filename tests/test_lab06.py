@@ -71,3 +71,18 @@ def test_the_chapter_widget_logic_compares_with_the_default(stack):
         assert len(m["tasks per worker"]) == 2, "two workers shared each queue"
     assert prefetch.describe(runs["yours"]["setting"]) == "multiplier 1, acks_late, -c 2"
     assert not any(w.alive for m in runs.values() for w in m["workers"]), "workers stopped"
+
+
+def test_lab06_reference_cannot_be_changed_from_a_notebook(stack):
+    """A learner who edits "the defaults" in place gets a hint; the reference stays Celery's."""
+    from celerylab import prefetch
+    from celerylab.checks.lab06 import LAB06_DEFAULT
+
+    def edits_the_defaults():
+        settings = prefetch.DEFAULT
+        settings["concurrency"] = 1
+        return settings
+    with pytest.raises(LabCheckFailed, match="worker_settings raised TypeError"):
+        check_lab06(edits_the_defaults, stack)
+    assert dict(LAB06_DEFAULT) == {"prefetch_multiplier": 4, "acks_late": False,
+                                   "disable_prefetch": False, "concurrency": 2}

@@ -61,3 +61,19 @@ def test_unsolved_lab_notebook_never_passes(lab):
     with pytest.raises(CellExecutionError) as err:
         client.execute()
     assert "NotImplementedError" in str(err.value) or "LabCheckFailed" in str(err.value)
+
+
+def test_a_check_on_a_stopped_stack_says_so_and_how_to_restart(stack):
+    from celerylab.checks import check_lab06
+    from celerylab.errors import CourseError
+    stack.stop()
+    with pytest.raises(CourseError, match="stack is not running.*Re-run the setup cell"):
+        check_lab06(lambda: {"prefetch_multiplier": 1, "acks_late": True, "concurrency": 2},
+                    stack)
+
+
+def test_a_check_called_with_the_wrong_arguments_says_so(stack):
+    from celerylab.checks import check_lab06
+    from celerylab.errors import CourseError
+    with pytest.raises(CourseError, match=r"check_lab06\(worker_settings, stack\).*wrong arguments"):
+        check_lab06(lambda: {})

@@ -140,3 +140,17 @@ def test_a_busy_loop_ends_with_the_process_that_started_it():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout
     hog = int(out.split()[0])
     assert wait_gone([hog], timeout=5) == [], "the busy loop outlived its parent"
+
+
+def test_an_interrupt_while_workers_boot_leaves_none_running(stack, tasks_module):
+    """Ctrl-C (a kernel interrupt) during start_workers: every worker that booted is stopped."""
+    import os
+    import signal
+    import threading
+
+    import pytest
+    workers = [stack.worker(tasks_module, name=f"i{i}") for i in range(2)]
+    threading.Timer(0.3, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+    with pytest.raises(KeyboardInterrupt):
+        stack.start_workers(*workers)
+    assert not any(w.alive for w in workers)

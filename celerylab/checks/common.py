@@ -56,8 +56,21 @@ def checker(fn):
     traceback from celerylab. A ``CourseError`` (a hint, or a course message such as a worker that
     did not boot) passes through; anything else is reported as what the answer made go wrong."""
 
+    import inspect
+    signature = inspect.signature(fn)
+
     @functools.wraps(fn)
     def run(*args, **kwargs):
+        try:
+            bound = signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise CourseError(f"{fn.__name__}{signature} was called with the wrong arguments "
+                              f"({exc}): run the check cell as the lab wrote it.") from None
+        stack = bound.arguments.get("stack")
+        if stack is None or getattr(stack, "stopped", False) or not getattr(stack, "url", ""):
+            raise CourseError("This notebook's stack is not running (the notebook's last cell "
+                              "stops it). Re-run the setup cell near the top "
+                              "(stack = celerylab.start(...)), then this check.")
         try:
             return fn(*args, **kwargs)
         except CourseError:

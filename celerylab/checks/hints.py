@@ -53,9 +53,9 @@ HINTS: dict[str, list[str]] = {
         "Where do the short tasks wait while a worker's children are all busy with long tasks?",
         "A busy worker should hold nothing it cannot start now, so that an idle worker can take "
         "it from Redis. Which settings decide what a busy worker holds (chapter 6's table)?",
-        "Under early ack a running task no longer counts against the prefetch limit; under late "
-        "acknowledgement it does. Compare what each row of chapter 6's table holds beside two "
-        "running tasks, and keep two children per worker.",
+        "Chapter 6's table counts, for each setting, what a worker holds beside its two running "
+        "tasks. Find the rows where that is nothing, and ask why the running tasks count "
+        "against the limit in those rows and not in the others.",
     ],
     "lab07": [
         "Depth says how much waits; what says how long the oldest has waited? Read both without "
