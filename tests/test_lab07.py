@@ -22,7 +22,7 @@ ALERT = solution_function(LAB, "lag_alert")
 SUB = "\x06\x16"
 
 
-def run_check(sampler, alert, stack, tries: int = 2) -> None:
+def run_check(sampler, alert, stack, tries: int = 3) -> None:
     """check_lab07, tried again when the checker's own reference says the machine is too busy
     (never a verdict on the answer)."""
     for attempt in range(tries):
@@ -30,7 +30,7 @@ def run_check(sampler, alert, stack, tries: int = 2) -> None:
             return check_lab07(sampler, alert, stack)
         except MachineTooBusy:
             if attempt == tries - 1:
-                pytest.skip("the machine was too busy to judge, twice in a row")
+                pytest.skip(f"the machine was too busy to judge, {tries} times in a row")
 
 
 # --- right answers ---------------------------------------------------------------------------
