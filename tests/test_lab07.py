@@ -247,7 +247,7 @@ def test_lab07_rejects_a_sampler_too_slow_for_a_burst(stack):
     (alert_slow_to_clear, "still firing for lab07-stall"),
     (alert_on_depth, r"fired for lab07-burst .*depth had reached"),
     (alert_latching, "still firing for lab07-stall .* after the queue had drained"),
-    (alert_too_lenient, "never fired for lab07-stall"),
+    (alert_too_lenient, "never fired for lab07-stall|fired for lab07-stall only"),
     (alert_twitchy, "fired for lab07-(steady|burst)"),
     (alert_returns_none, r"lag_alert returned None"),
 ], ids=["low-threshold-no-wait", "edge-triggered", "slow-to-clear", "depth-threshold",

@@ -14,9 +14,10 @@ decides when to page.
    ``FIRE_WITHIN`` seconds of the freeze and stay on while it lasts, and be off from
    ``CLEAR_WITHIN`` seconds after the stalled queue has drained.
 
-Timing is judged against what happened in the same run: when the burst's own oldest message (the
-truth) waited longer than ``BURST_GRACE`` because the machine is slow, no verdict about the burst
-is given (``MachineTooBusy``).
+Timing is judged against what happened in the same run: when the alert fired for the steady queue
+or the burst while their own oldest message (the truth) waited longer than ``BURST_GRACE``
+because the machine is slow, no verdict is given (``MachineTooBusy``); an alert that stayed quiet
+is judged on the rest.
 """
 
 from __future__ import annotations
@@ -330,11 +331,13 @@ def _judge(live: _Live, marks: dict) -> None:
     steady_truth = max(max(x[3] or 0, x[4] or 0) for x in live.truth[STEADY])
     burst_truth = max(max(x[3] or 0, x[4] or 0) for x in live.truth[BURST])
     burst_depth = max(x[1] for x in live.truth[BURST])
-    if steady_truth > BURST_GRACE or burst_truth > BURST_GRACE:
+    loud = any(f for q in (STEADY, BURST) for _, f in live.fired[q])
+    if loud and (steady_truth > BURST_GRACE or burst_truth > BURST_GRACE):
         raise MachineTooBusy(f"the check's own workers fell behind (a steady queue's oldest "
                              f"message waited {steady_truth:.1f} s, the burst's {burst_truth:.1f} "
                              f"s; on a machine that keeps up they wait under {BURST_GRACE:g} s), "
-                             "so quiet and loud queues cannot be told apart right now.")
+                             "so whether your alert was right to fire for them cannot be told "
+                             "right now.")
     if burst_depth < BURST_SIZE // 2:
         raise MachineTooBusy(f"the check's first reading after the burst saw only {burst_depth} "
                              f"of its {BURST_SIZE} messages waiting.")
