@@ -130,6 +130,16 @@ def cmd_open(args) -> int:
         cmd.append("--allow-root")  # containers and CI run as root
     env = {**os.environ, "JUPYTER_TOKEN": token}  # the token stays on, and off the command line
     lab = subprocess.Popen(cmd, env=env, cwd=ROOT)
+
+    def forward(_signum, _frame):
+        # SIGTERM either way: JupyterLab asks for confirmation on a SIGINT when it has a terminal,
+        # and ignores a lone SIGINT when it has none (kill -INT from a script, CI).
+        lab.send_signal(signal.SIGTERM)
+
+    # installed at once: a signal that arrives while JupyterLab starts must stop it too, not
+    # end this process and leave JupyterLab running on its own
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
     url = f"http://127.0.0.1:{port}/lab?token={token}"
     deadline = time.monotonic() + 60
     while lab.poll() is None and time.monotonic() < deadline:
@@ -147,13 +157,6 @@ def cmd_open(args) -> int:
           "Stop with Ctrl-C (every worker and Redis the notebooks started stops too).\n",
           flush=True)
 
-    def forward(_signum, _frame):
-        # SIGTERM either way: JupyterLab asks for confirmation on a SIGINT when it has a terminal,
-        # and ignores a lone SIGINT when it has none (kill -INT from a script, CI).
-        lab.send_signal(signal.SIGTERM)
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
     try:
         code = lab.wait()
     except KeyboardInterrupt:

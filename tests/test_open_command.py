@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
+import time
 import urllib.request
 from pathlib import Path
 
@@ -56,3 +59,38 @@ def test_the_jupyter_news_prompt_is_turned_off(tmp_path):
     assert settings["@jupyterlab/apputils-extension:notification"]["fetchNews"] == "false"
     assert settings["@jupyterlab/apputils-extension:themes"] == {"theme": "dark"}
 
+
+
+def test_a_signal_while_jupyterlab_starts_stops_it_too():
+    """SIGINT to the command alone while JupyterLab is still starting: nothing is left running."""
+    import subprocess
+
+    from conftest import ROOT, course_env
+    port = free_port()
+    proc = subprocess.Popen([str(ROOT / "course"), "open"], cwd=ROOT,
+                            env=course_env(CELERYLAB_JUPYTER_PORT=str(port),
+                                           CELERYLAB_NO_BROWSER="1"),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        for line in proc.stdout:  # the course Redis check has run; JupyterLab is being started
+            if "course Redis OK" in line:
+                break
+        time.sleep(0.5)
+        os.kill(proc.pid, signal.SIGINT)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    def lab_processes():  # JupyterLab started for this port, by its command line
+        import subprocess as sp
+        found = sp.run(["pgrep", "-f", f"ServerApp.port={port} "], capture_output=True, text=True)
+        return found.stdout.split()
+
+    deadline = time.monotonic() + 10
+    while lab_processes() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = lab_processes()
+    for pid in left:
+        os.kill(int(pid), signal.SIGKILL)
+    assert not left, "JupyterLab left running after the open command was interrupted"
