@@ -308,8 +308,8 @@ r.set("fail:order-3", 99)
 orders = [{"id": "order-1", "currency": "EUR"}, {"id": "order-2", "currency": "XBT"},
           {"id": "order-3", "currency": "USD"}]
 results = [ch05_tasks.import_order.delay(o) for o in orders]
-stack.wait_until(lambda: all(x.state in ("SUCCESS", "FAILURE") for x in results), 15,
-                 "the orders to settle")
+stack.wait_until(lambda: all(x.state in ("SUCCESS", "FAILURE") for x in results)
+                 and r.llen("dead-letters") >= 2, 15, "the orders to settle")  # letters follow
 letters = [json.loads(x) for x in r.lrange("dead-letters", 0, -1)][::-1]  # oldest first
 plots.table([{k: v for k, v in letter.items() if k not in ("kwargs", "failed_at")}
              for letter in letters])
@@ -335,7 +335,9 @@ assert [letter["error"].split(":")[0] for letter in letters] == ["ValueError", "
 # %%
 huge = {"name": "poster.tiff", "huge": True}
 crashed = [ch05_tasks.resize_on_failure.delay(huge), ch05_tasks.resize_signal.delay(huge)]
-stack.wait_until(lambda: all(x.state == "FAILURE" for x in crashed), 20, "the crashed resizes")
+# the worker stores FAILURE, then sends task_failure: wait for the signal's letter too
+stack.wait_until(lambda: all(x.state == "FAILURE" for x in crashed)
+                 and r.llen("dead-letters:signal") >= 1, 20, "the crashed resizes")
 caught = {name: [json.loads(x)["error"] for x in r.lrange(f"dead-letters:{name}", 0, -1)]
           for name in ("on_failure", "signal")}
 plots.table([{"dead-lettered by": k, "letters": len(v), "error": v[0] if v else "-"}
