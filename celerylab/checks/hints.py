@@ -67,6 +67,19 @@ HINTS: dict[str, list[str]] = {
         "and stop firing as soon as it is below again; pick the threshold between what a burst "
         "reaches and what a stall reaches within the 6 s the check allows.",
     ],
+    "lab08": [
+        "Take the incidents one at a time, in the order the final check reports them. For each, "
+        "ask which of chapters 1-7 it belongs to: acknowledgement and crashes (4), retries and "
+        "dead letters (5), routing (3), prefetch (6), lag (7).",
+        "A double charge and a lost order pull in opposite directions: making sure a message "
+        "comes back after a crash means it can run twice, so the charge must be safe to repeat. "
+        "The payment provider's `charge` has a parameter made for that. Poison orders: which "
+        "signal does the worker's main process send when a task fails for good?",
+        "Checkouts wait behind e-mails when both share a queue or a worker: route the receipt "
+        "task elsewhere, and give each queue its own worker within the budget. The alert: its "
+        "threshold sits between what the checkout queue's lag reaches during a burst and what "
+        "it reaches within the 4 s stall; ask it to hold for a reading or two.",
+    ],
 }
 
 _given: dict[str, int] = {}
