@@ -1,0 +1,199 @@
+# %% [markdown]
+# # Chapter 8 — Capstone: an incident-prone flow, and the way out
+#
+# Every chapter so far took one behaviour of Celery and made it explicit. Real flows break in
+# several of those ways at once, and usually on a bad day. This chapter takes one ordinary flow,
+# a shop's checkout (**order -> charge -> receipt e-mail**), as it shipped, and puts it through a
+# **chaos run**: the incidents of chapters 1-7, one after the other, on real workers. You will
+# see double charges, lost orders and a stalled queue that nobody notices, measured.
+#
+# Lab 8 then takes the same flow through the course's adoption path: characterisation tests that
+# reproduce the incidents, explicit contracts, observability, an architecture note, and the same
+# chaos run replayed as the final check.
+
+# %%
+import celerylab
+from celerylab import capstone
+
+stack = celerylab.start("ch08")
+assert stack.health()
+
+# %% [markdown]
+# ## The flow as it shipped
+#
+# An ordinary task module. The payment provider and the mailer are given
+# (`celerylab.capstone`); both record what they did in Redis, where the flow cannot hide it:
+# every charge is one entry of `shop:charges`, every receipt one of `shop:receipts`. The
+# provider takes an `idempotency_key`, as real ones do; the flow does not use it.
+#
+# Read it for what it leaves unsaid. There is no validation at the boundary, and no retry
+# policy. There is no dead letter. There is one shared queue with the default prefetch, and no
+# metrics. Every other setting is an implicit default. Someone added `acks_late=True` after an
+# incident, "so that we never lose an order". Chapter 4 showed what that does alone.
+
+# %%
+# %%writefile shop_v1.py
+"""The checkout flow as it shipped: order -> charge -> receipt e-mail."""
+
+import os
+
+import redis
+from celery import Celery
+
+from celerylab.capstone import Mailer, PaymentAPI
+
+BROKER = os.environ["CELERYLAB_BROKER_URL"]
+
+app = Celery("shop_v1", broker=BROKER, backend=BROKER)
+app.conf.update(task_serializer="json", result_serializer="json", accept_content=["json"])
+db = redis.Redis.from_url(BROKER)
+payments = PaymentAPI(db)
+mailer = Mailer(db)
+
+
+def submit_order(order):
+    """The producer: the web app calls this when a customer presses "Pay"."""
+    return place_order.delay(order)
+
+
+@app.task(acks_late=True)  # added after an incident, "so that we never lose an order"
+def place_order(order):
+    payments.charge(order["id"], order["total_cents"])
+    db.hset("shop:orders", order["id"], "paid")
+    send_receipt.delay(order["id"], order["email"])
+
+
+@app.task
+def send_receipt(order_id, email):
+    mailer.send(order_id, email)
+
+
+# %% [markdown]
+# ## The chaos run
+#
+# `capstone.chaos_run` boots the flow's workers (for `shop_v1`: one worker, `-Q celery -c 2`,
+# the defaults) and drives them through five phases. It measures everything from Redis and from
+# Celery's own signals:
+#
+# | phase | what happens | chapter |
+# |---|---|---|
+# | baseline | 4 orders, one at a time, on an idle flow: the checkout latency to compare with | 3, 6 |
+# | validation | 5 malformed orders through the producer (no total, a total as text, a negative total, no e-mail, a list) | 4 |
+# | burst | 20 orders at 10 a second. Two meet a flaky provider, one a declined card, one a provider that stays down. A legacy client also publishes a malformed order straight to the task | 3, 5 |
+# | stall | the checkout worker is frozen (SIGSTOP) for 4 s while orders keep coming | 7 |
+# | crash | a pool process is SIGKILLed right after a charge, as the OOM killer would. Then a whole worker is SIGKILLed right after another charge; its unacknowledged messages are handed back (visibility timeout fast-forwarded) and it is restarted | 1, 4 |
+#
+# About 20 s.
+
+# %%
+report = capstone.chaos_run(stack, "shop_v1")
+report.show()
+
+# %%
+report.plot();
+
+# %% [markdown]
+# ## The incidents, one by one
+#
+# Each claim below is asserted on what the run measured.
+#
+# **Lost orders.** An order the provider could not take on the first try is never tried again:
+# there is no retry policy. Under `acks_late` alone, the order whose pool process was killed
+# after its charge was acknowledged and marked FAILURE. The customer was charged, and the order
+# is not paid (chapter 4: a killed *child* is not redelivered).
+
+# %%
+flaky_lost = [o for o in report.lost if o.startswith("flaky")]
+oom_lost = [o for o in report.lost if o.startswith("oom")]
+assert flaky_lost and oom_lost, report.lost
+print("lost:", report.lost)
+print("charged but not paid:", [o for o in oom_lost if report.charges.get(o)])
+
+# %% [markdown]
+# **Double charges.** `acks_late` did bring back the order whose *whole worker* died: its
+# message stayed in `unacked` and came back. It ran again, and the provider charged it again. A
+# message that can come back must be safe to run twice.
+
+# %%
+crashed = [o for o in report.crashed if o.startswith("crash")]
+assert crashed and set(crashed) <= set(report.double_charged), report.charges
+print({o: report.charges[o] for o in report.double_charged}, "charges")
+
+# %% [markdown]
+# **Poison orders, failing silently.** The declined card, the provider that stayed down, and
+# the malformed message from the legacy client failed for good. Each left a FAILURE in the
+# result backend, which expires in a day, and nothing else. There is no dead letter, so nobody
+# will look.
+
+# %%
+assert set(report.unnoticed_poison) == set(report.poison) and not report.letters
+print("failed with no trace:", report.unnoticed_poison)
+
+# %% [markdown]
+# **Malformed orders accepted.** The producer sends whatever it is given. A bad order becomes
+# a worker's exception, far from the code that made it.
+
+# %%
+assert len(report.accepted_malformed) == len(capstone.MALFORMED)
+print("sent to the workers:", report.accepted_malformed)
+
+# %% [markdown]
+# **Checkouts wait behind e-mails.** During the burst the one queue holds orders and receipts,
+# and a receipt takes five times as long as a charge. Checkout latency during the burst is
+# compared with the baseline measured in this run.
+
+# %%
+quiet, burst = report.p95(report.quiet), report.p95(report.burst)
+print(f"checkout p95: {quiet:.2f} s one at a time, {burst:.2f} s during the burst "
+      f"(one receipt: {report.receipt_runtime:.2f} s)")
+if quiet < report.receipt_runtime:
+    assert burst > 3 * quiet, "the burst should slow checkouts on one shared queue"
+else:
+    print("This machine is too busy right now to show it: one checkout alone took longer than a "
+          "receipt. Run the chaos cell again when it is quieter.")
+
+# %% [markdown]
+# **A stall nobody noticed.** While the worker was frozen, the oldest order waited for seconds.
+# The flow has no metrics and no alert, so this run's own readings are the only record.
+
+# %%
+freeze, thaw = report.stall
+peak = max(s.oldest_age or 0 for s in report.samples
+           if s.queue == report.checkout_queue and freeze <= s.t <= thaw + 1)
+assert report.alert is None and peak > 0.5 * (thaw - freeze), peak
+print(f"stalled {thaw - freeze:.1f} s, the oldest order waited {peak:.1f} s; alerts: none")
+
+# %% [markdown]
+# ## The way out: the adoption path
+#
+# None of these incidents needs new technology. Each is a behaviour a chapter made explicit.
+# The path that works on a real codebase goes in this order, and Lab 8 walks it:
+#
+# 1. **Capture today's behaviour with tests.** Characterisation tests drive the real flow
+#    (`capstone.Shop`: the same incidents, one at a time) and assert what happens *now*,
+#    incidents included. They prove an incident is real. Once it is fixed, each flips into the
+#    regression test that keeps it fixed. A test that still passes with the fault removed tests
+#    nothing; the lab's check runs each test both ways.
+# 2. **Refactor toward explicit contracts.**
+#    * Validate the payload at the producer.
+#    * Write out every setting the flow relies on: acks, lost workers, prefetch, serializers,
+#      result expiry, routes, visibility timeout.
+#    * Make the charge idempotent (the provider's key).
+#    * Retry what can recover, with backoff, a cap and a bound.
+#    * Dead-letter what fails for good, whatever the way it fails (chapter 5's `task_failure`
+#      signal).
+#    * Route the slow e-mail work away from the latency-sensitive checkout.
+# 3. **Add observability.** Chapter 7's readings on every queue, and an alert on the checkout
+#    queue's lag. It must fire for a stall and stay quiet for a burst.
+# 4. **Write the architecture note.** Record the defaults chosen and why, the failures expected
+#    and what the flow does then, and where to look when it breaks.
+#
+# The final check replays this chaos run on the refactored flow. It asserts no lost order, no
+# double charge, every poison order in the dead letters with its error, and checkout p95 during
+# the burst within a target set from this run's baseline. The alert must fire during the stall
+# and clear after.
+#
+# **Next:** [Lab 8](../labs/lab08_capstone.ipynb).
+
+# %%
+stack.stop()
