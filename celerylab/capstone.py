@@ -134,6 +134,7 @@ def load_flow(name: str):
     if folder not in sys.path:
         sys.path.insert(0, folder)
     sys.modules.pop(name, None)
+    _forget_shared_tasks(name)
     importlib.invalidate_caches()
     try:
         module = importlib.import_module(name)
@@ -150,6 +151,26 @@ def load_flow(name: str):
                         "`submit_order(order)`, and the tasks `place_order(order)` and "
                         "`send_receipt(order_id, email)`.")
     return module
+
+
+def _forget_shared_tasks(module_name: str) -> None:
+    """``@app.task`` is shared by default: it also registers the task with every app finalized
+    later (``celery._state.connect_on_app_finalize``). The app of a module imported again
+    would then get the first import's tasks, registered first, and ignore the edited ones
+    (celery/app/base.py, DuplicateTaskNameWarning). Forget the earlier import's."""
+    from celery import _state
+
+    def from_module(callback) -> bool:
+        for cell in getattr(callback, "__closure__", None) or ():
+            try:
+                if getattr(cell.cell_contents, "__module__", None) == module_name:
+                    return True
+            except ValueError:  # an empty cell
+                continue
+        return False
+
+    for callback in [cb for cb in _state._on_app_finalizers if from_module(cb)]:
+        _state._on_app_finalizers.discard(callback)
 
 
 def layout_of(module) -> dict:
@@ -366,8 +387,8 @@ class Shop:
 
     def place_while_worker_crashes(self) -> str:
         """The whole worker running the order is SIGKILLed right after the charge went through;
-        the broker hands its unacknowledged messages back (its visibility timeout is
-        fast-forwarded) and the worker is started again."""
+        its unacknowledged messages are aged past the visibility timeout and the worker is
+        started again: its restore sweep at start puts them back on their queue."""
         oid = self._submit(order(self._id("crash")), "hang")
         if self.faults:
             crash_worker_running(self.stack, self.workers, oid, timeout=10)

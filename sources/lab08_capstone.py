@@ -31,7 +31,7 @@
 #   `error` (naming the exception's class, e.g. `"CardDeclined: ..."`);
 # * the payment provider and the mailer are given (`celerylab.capstone`): `PaymentAPI(db).charge(
 #   order_id, cents, idempotency_key=None)` raises `PaymentUnavailable` (try later) or
-#   `CardDeclined` (never); `Mailer(db).send(order_id, email)` takes half a second.
+#   `CardDeclined` (never); `Mailer(db).send(order_id, email)` takes a quarter of a second.
 #
 # > **How to run this lab.** "Run All" stops at the first place you are meant to write (a cell
 # > that raises `NotImplementedError`): that is expected. Write your answer there and run that
@@ -206,7 +206,7 @@ app.conf.update(
     accept_content=["json"],
     task_acks_late=True,  # ack after the charge: a worker that dies mid-charge gives it back
     task_reject_on_worker_lost=True,  # ... and so does a pool process the OOM killer took
-    worker_prefetch_multiplier=1,  # a busy worker holds no order another worker could start
+    worker_prefetch_multiplier=1,  # a busy worker reserves nothing: waiting orders stay in Redis
     broker_transport_options={"visibility_timeout": 3600},  # a dead worker's orders come back after 1 h
     result_expires=86400,  # results kept one day (Celery's default, now said)
     task_default_queue="checkout",  # latency-sensitive: checkout
@@ -321,8 +321,10 @@ NOTE = """
 
 ## Defaults we chose
 - task_acks_late=True and task_reject_on_worker_lost=True: an order's message is acknowledged
-  after the charge, so a crashed worker or an OOM-killed pool process gives it back.
-- worker_prefetch_multiplier=1: a busy worker holds no order another worker could start.
+  after the charge, so a crashed worker or an OOM-killed pool process gives it back. (Receipts
+  too: a crashed e-mail worker may send one twice; we accept that.)
+- worker_prefetch_multiplier=1: a busy worker reserves nothing more; waiting orders stay in the
+  Redis list, where another worker can take them and the lag alert sees them.
 - visibility_timeout 3600 s (broker_transport_options): a dead worker's orders come back after
   an hour; nothing we run lasts that long.
 - task_serializer, result_serializer, accept_content: JSON only.
@@ -332,9 +334,12 @@ NOTE = """
 ## Failures we expect
 - A worker crash (SIGKILL, a lost machine): its orders come back; the charge uses the provider's
   idempotency key, so a second run does not charge again.
-- The OOM killer takes a pool process: the order is requeued and runs again, charged once.
-- The payment provider is unavailable: retried with exponential backoff (1 s, capped at 4 s,
-  jittered), at most 3 times, then dead-lettered. A declined card is not retried.
+- The OOM killer takes a pool process: the order is requeued and runs again, charged once. An
+  order that is OOM-killed every time would be requeued for ever (no bound): WorkerLostError in
+  the logs, and the lag alert, tell us.
+- The payment provider is unavailable: retried with exponential backoff and full jitter (waits
+  of 0-1, 0-2, 0-4 s, capped at 4 s), at most 3 times, then dead-lettered. A declined card is
+  not retried.
 - A burst of orders: checkouts keep their own workers; e-mails queue up and catch up.
 - Malformed orders are refused by submit_order; a malformed message from a legacy client is
   dead-lettered, not retried (a poison message).

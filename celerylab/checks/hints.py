@@ -74,7 +74,8 @@ HINTS: dict[str, list[str]] = {
         "A double charge and a lost order pull in opposite directions: making sure a message "
         "comes back after a crash means it can run twice, so the charge must be safe to repeat. "
         "The payment provider's `charge` has a parameter made for that. Poison orders: which "
-        "signal does the worker's main process send when a task fails for good?",
+        "signal does Celery send whenever a task fails for good, whether it raised or its "
+        "process died?",
         "Checkouts wait behind e-mails when both share a queue or a worker: route the receipt "
         "task elsewhere, and give each queue its own worker within the budget. The alert: its "
         "threshold sits between what the checkout queue's lag reaches during a burst and what "
