@@ -12,7 +12,7 @@ of the list ``shop:charges`` (an order id twice there is a double charge), every
 of ``shop:receipts``. Faults are armed per order in ``shop:faults`` by the chaos run (or by the
 harness): ``flaky`` (the API is unavailable for the first calls), ``down`` (it never answers),
 ``declined`` (a card that will never pay), ``oom`` (the process dies right after the charge, as
-the OOM killer would), ``hang`` (the call hangs right after the charge: the chaos run SIGKILLs
+the OOM killer would), ``oom-before`` (it dies during the call, before the charge), ``hang`` (the call hangs right after the charge: the chaos run SIGKILLs
 the whole worker then).
 
 The flow's contract (what the chaos run and the checker rely on): a module ``<name>.py`` with
@@ -81,6 +81,8 @@ class PaymentAPI:
             raise CardDeclined(f"card declined for order {order_id}")
         if fault == "down" or (fault == "flaky" and db.hincrby(FAULTS_LEFT, order_id, -1) >= 0):
             raise PaymentUnavailable(f"payment provider unavailable (order {order_id})")
+        if fault == "oom-before" and db.hincrby(FAULTS_LEFT, order_id, -1) >= 0:
+            os.kill(os.getpid(), signal.SIGKILL)  # killed mid-call, before the charge went through
         time.sleep(CHARGE_SECONDS / 2)
         charge_id = f"ch-{order_id}-{db.incr('shop:charge-seq')}"
         if idempotency_key is not None:
@@ -193,7 +195,10 @@ def layout_of(module) -> dict:
 
 def route_of(module, task: str) -> str:
     """The queue the flow's own app sends ``task`` to (its routes, or its default queue)."""
-    route = module.app.amqp.router.route({}, f"{module.__name__}.{task}")
+    name = f"{module.__name__}.{task}"
+    module.app.finalize(auto=True)
+    own = module.app.tasks.get(name)  # @app.task(queue=...) counts, as Celery's router sees it
+    route = module.app.amqp.router.route(own._get_exec_options() if own else {}, name)
     queue = route.get("queue")
     return getattr(queue, "name", None) or str(queue or module.app.conf.task_default_queue)
 
@@ -459,6 +464,7 @@ class ChaosReport:
     crashed: dict = field(default_factory=dict)  # order id -> what was done to its process
     refused: dict = field(default_factory=dict)  # malformed order name -> the producer's error
     accepted_malformed: list = field(default_factory=list)  # malformed orders the producer sent
+    silently_dropped: list = field(default_factory=list)  # neither sent nor refused (no exception)
     unusual_refused: str | None = None  # the producer's error for a valid but unusual order
     charges: dict = field(default_factory=dict)
     receipts: dict = field(default_factory=dict)
@@ -690,9 +696,10 @@ def chaos_run(stack, module_name: str, watch: dict | None = None, phases=PHASES,
                 depth = _outstanding(r, queues)
                 before = len(publications.ids)
                 error = submit(bad, valid=False)
-                if error is None or len(publications.ids) > before or \
-                        _outstanding(r, queues) > depth:
+                if len(publications.ids) > before or _outstanding(r, queues) > depth:
                     report.accepted_malformed.append(name)
+                elif error is None:
+                    report.silently_dropped.append(name)
                 else:
                     report.refused[name] = error
             try:
@@ -717,7 +724,7 @@ def chaos_run(stack, module_name: str, watch: dict | None = None, phases=PHASES,
                         report.burst.append(oid)
                 if i == 15:  # a legacy client publishes straight to the task, unvalidated
                     legacy = {"id": new_id("legacy"), "email": "legacy@example.com"}
-                    module.app.send_task(f"{module_name}.place_order", args=[legacy])
+                    module.place_order.apply_async(args=[legacy])  # routed as the flow routes it
                     report.poison[legacy["id"]] = ""
                 time.sleep(0.1)
             for oid in report.burst:
@@ -748,18 +755,22 @@ def chaos_run(stack, module_name: str, watch: dict | None = None, phases=PHASES,
             say(f"stall: the checkout worker{'s' if len(frozen) > 1 else ''} frozen for "
                 f"{report.stall[1] - freeze:.1f} s while 8 orders came in")
         if "crash" in phases:
-            oom = new_id("oom")
+            oom, before = new_id("oom"), new_id("precharge")
             submit(order(oom), "oom")
-            report.valid.append(oom)
+            submit(order(before), "oom-before")
+            report.valid += [oom, before]
             report.crashed[oom] = "its pool process was SIGKILLed right after the charge"
-            _wait_paid(r, oom, timeout=0.5)
-            _wait_decided(stack, publications.ids.get(oom, []))  # before the next crash
+            report.crashed[before] = ("its pool process was SIGKILLed during the provider's call, "
+                                      "before the charge went through")
+            for oid in (oom, before):  # the worker has decided their fate: before the next crash
+                _wait_paid(r, oid, timeout=0.5)
+                _wait_decided(stack, publications.ids.get(oid, []))
             crash = new_id("crash")
             submit(order(crash), "hang")
             report.valid.append(crash)
             name = crash_worker_running(stack, workers, crash)
             report.crashed[crash] = f"its whole worker ({name}) was SIGKILLed right after the charge"
-            say(f"crash: a pool process OOM-killed ({oom}), the whole worker {name} SIGKILLed "
+            say(f"crash: pool processes OOM-killed ({oom}, {before}), the whole worker {name} SIGKILLed "
                 f"({crash}) and restarted")
         report.settled = settle(stack, queues, quiet=0.8, timeout=30)
         say("settled" if report.settled else "not settled after 30 s: still messages in flight")

@@ -81,7 +81,7 @@ def send_receipt(order_id, email):
 # | validation | 5 malformed orders through the producer (no total, a total as text, a negative total, no e-mail, a list) | 4 |
 # | burst | 20 orders at 10 a second. Two meet a flaky provider, one a declined card, one a provider that stays down. A legacy client also publishes a malformed order straight to the task | 3, 5 |
 # | stall | the checkout worker is frozen (SIGSTOP) for 4 s while orders keep coming | 7 |
-# | crash | a pool process is SIGKILLed right after a charge, as the OOM killer would. Then a whole worker is SIGKILLed right after another charge; its unacknowledged messages are handed back (visibility timeout fast-forwarded) and it is restarted | 1, 4 |
+# | crash | two pool processes are SIGKILLed, as the OOM killer would: one right after its charge, one during the provider's call, before the charge. Then a whole worker is SIGKILLed right after another charge; its unacknowledged messages are aged past the visibility timeout, and it is restarted | 1, 4 |
 #
 # About 20 s.
 
@@ -98,9 +98,9 @@ report.plot();
 # Each claim below is asserted on what the run measured.
 #
 # **Lost orders.** An order the provider could not take on the first try is never tried again:
-# there is no retry policy. Under `acks_late` alone, the order whose pool process was killed
-# after its charge was acknowledged and marked FAILURE. The customer was charged, and the order
-# is not paid (chapter 4: a killed *child* is not redelivered).
+# there is no retry policy. Under `acks_late` alone, the orders whose pool process was killed
+# were acknowledged and marked FAILURE (chapter 4: a killed *child* is not redelivered). One of
+# them had been charged: the customer paid, and the order is not paid.
 
 # %%
 flaky_lost = [o for o in report.lost if o.startswith("flaky")]

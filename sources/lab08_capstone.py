@@ -279,7 +279,9 @@ check_lab08_contracts(stack)
 # above before it fires; it clears as soon as the age is below again). **What the check does:**
 # it runs your flow, freezes the workers of the checkout queue for 4 s while orders keep coming,
 # then thaws them. The alert must stay quiet before, fire during the stall, and clear once the
-# queue has drained (in the final check, it must stay quiet through the burst too).
+# queue has drained (in the final check, it must stay quiet through the burst too). It must not
+# page for an ordinary burst either: in chapter 7 one that drained by itself left its oldest
+# message waiting up to about 1 s; the check replays such a trace through your rule.
 
 # %%
 WATCH = {"queues": [], "alert": {"queue": None, "above": None, "for_seconds": None}}  # fill in

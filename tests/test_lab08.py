@@ -96,8 +96,12 @@ def test_final_check_accepts_unusual_answers(lab08, stack):
          '"checkout": {"queues": ["checkout"], "concurrency": 3}'),
         ('"email": {"queues": ["email"], "concurrency": 2}',
          '"mail": {"queues": ["email"], "concurrency": 1}'),
+        ('    task_routes={"shop_tasks.send_receipt": {"queue": "email"}},  # slow: apart\n', ""),
+        ("@app.task\ndef send_receipt", '@app.task(queue="email")  # routed on the task itself\n'
+         "def send_receipt"),
     ])
-    note = NOTE.replace("task_reject_on_worker_lost", "task_retry_on_worker_lost")
+    note = NOTE.replace("task_reject_on_worker_lost", "task_retry_on_worker_lost").replace(
+        "task_routes sending send_receipt", "send_receipt's queue option sending it")
     expect_verdict(check_lab08, WATCH, note, stack)
 
 
@@ -127,6 +131,15 @@ def test_final_check_rejects_the_shipped_flow(lab08, stack):
                    "        db.lpush(DEAD_LETTERS, json.dumps({'order': order, "
                    "'error': type(exc).__name__}))\n        raise")],
                  r"was paid, yet it has a dead letter", id="dead-letter-on-every-failure"),
+    pytest.param([("    payments.charge(order[\"id\"], order[\"total_cents\"], idempotency_key=f\"order:{order['id']}\")",
+                   "    if db.set(f\"charging:{order['id']}\", 1, nx=True):\n"
+                   "        try:\n"
+                   "            payments.charge(order[\"id\"], order[\"total_cents\"])\n"
+                   "        except Exception:\n"
+                   "            db.delete(f\"charging:{order['id']}\")\n"
+                   "            raise")],
+                 r"Order precharge-\d+ was lost: it was marked paid and never charged",
+                 id="flag-before-the-charge"),
 ])
 def test_final_check_rejects_partial_fixes(lab08, stack, changes, hint):
     lab08(changes)
@@ -183,6 +196,11 @@ def test_step1_rejects_a_test_that_does_not_reproduce_its_incident(lab08, stack)
                    hint="On the shipped flow .* failed: its assertion failed")
 
 
+def test_step1_rejects_a_test_of_another_incident(lab08, stack):
+    expect_verdict(check_lab08_tests, {**TESTS, "double_charge": TESTS["silent_poison"]}, stack,
+                   hint="reproduces another one")
+
+
 def test_step1_rejects_missing_tests_and_stubs(lab08, stack):
     with pytest.raises(LabCheckFailed, match="keys"):
         check_lab08_tests({"double_charge": TESTS["double_charge"]}, stack)
@@ -205,6 +223,12 @@ def test_step2_accepts_the_solution(lab08, stack, capsys):
                  "visibility timeout implicit", id="implicit-visibility"),
     pytest.param([("max_retries=3", "max_retries=None")], "retries forever", id="unbounded"),
     pytest.param([("retry_backoff=1, ", "retry_backoff=False, ")], "fixed delay", id="no-backoff"),
+    pytest.param([("@signals.task_failure.connect\ndef dead_letter(sender=None, task_id=None, "
+                   "exception=None, args=None, kwargs=None, **_):",
+                   "class Lettered(app.Task):\n    def on_failure(self, exc, task_id, args, kwargs, einfo):\n"
+                   "        dead_letter(self, task_id, exc, args, kwargs)\n\n\n"
+                   "def dead_letter(sender=None, task_id=None, exception=None, args=None, kwargs=None, **_):")],
+                 "Task.on_failure", id="on-failure-dead-letters"),
 ])
 def test_step2_static_rejections(lab08, stack, changes, hint):
     lab08(changes)
@@ -218,6 +242,19 @@ def test_step2_static_rejections(lab08, stack, changes, hint):
     pytest.param([("    return order\n", "    if set(order) != {'id', 'total_cents', 'email'}:\n"
                    "        raise InvalidOrder('unexpected fields')\n    return order\n")],
                  "refused a well-formed order", id="too-strict"),
+    pytest.param([("    return place_order.delay(validate(order))",
+                   "    try:\n        validate(order)\n    except InvalidOrder:\n        return None\n"
+                   "    return place_order.delay(order)")],
+                 "did not refuse them either", id="drops-silently"),
+    pytest.param([("@app.task(autoretry_for=(PaymentUnavailable,), retry_backoff=1, retry_backoff_max=4,\n"
+                   "          retry_jitter=True, max_retries=3)\ndef place_order(order):",
+                   "@app.task(bind=True, max_retries=3)\ndef place_order(self, order):"),
+                  ("    payments.charge(order[\"id\"], order[\"total_cents\"], idempotency_key=f\"order:{order['id']}\")",
+                   "    try:\n"
+                   "        payments.charge(order[\"id\"], order[\"total_cents\"], idempotency_key=order[\"id\"])\n"
+                   "    except PaymentUnavailable as exc:\n"
+                   "        raise self.retry(exc=exc, countdown=1)")],
+                 "the same pace each time", id="fixed-pace-by-hand"),
 ])
 def test_step2_live_rejections(lab08, stack, changes, hint):
     lab08(changes)
@@ -234,6 +271,8 @@ def test_step3_accepts_the_solution(lab08, stack):
                  id="wrong-queue"),
     pytest.param({**WATCH, "queues": ["checkout"]}, "unwatched", id="unwatched-queue"),
     pytest.param({"queues": ["checkout", "email"], "alert": 1.5}, "WATCH must be", id="shape"),
+    pytest.param({**WATCH, "alert": {**WATCH["alert"], "above": 0.5, "for_seconds": 0}},
+                 "would page for an ordinary burst", id="noisy"),
 ])
 def test_step3_static_rejections(lab08, stack, watch, hint):
     with pytest.raises(LabCheckFailed, match=hint):
@@ -253,6 +292,9 @@ def test_step4_accepts_the_solution_note(lab08, stack):
                  id="heading-changed"),
     pytest.param(NOTE.replace("shop:dead", "the dead letters"), "where to look",
                  id="no-dead-letters"),
+    pytest.param(NOTE.replace("A burst of orders", "A large payload").replace(
+        "catch up.", "catch up (see the downloads)."), "a burst of orders",
+                 id="words-inside-words"),
 ])
 def test_step4_rejects_unfinished_notes(lab08, stack, note, hint):
     with pytest.raises(LabCheckFailed, match=hint):

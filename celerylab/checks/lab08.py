@@ -45,9 +45,17 @@ EXPLICIT = {
     "how long results are kept": ({"result_expires"}, set()),
     "where each task goes": ({"task_routes", "task_queues", "task_default_queue"}, {"queue"}),
 }
+# what a test for each incident must do on the shipped flow: make it happen (one of these calls)
+# and read what shows it (one of these)
+INCIDENT_CALLS = {
+    "double_charge": ({"place_while_worker_crashes"}, {"charges"}),
+    "lost_order": ({"place_with_flaky_payments", "place_while_child_oom_killed"},
+                   {"paid", "charges"}),
+    "silent_poison": ({"place_with_declined_card", "place_malformed"}, {"dead_letters"}),
+}
 NOTE_SECTIONS = ("Defaults we chose", "Failures we expect", "Debugging the common incidents")
 FAILURE_WORDS = {
-    "a worker crash": ("crash", "sigkill", "killed", "dies", "died"),
+    "a worker crash": ("crash", "sigkill", "kill", "dies", "died"),
     "the OOM killer": ("oom", "memory"),
     "the payment provider failing": ("payment", "provider"),
     "a burst of orders": ("burst", "spike", "peak", "load"),
@@ -75,6 +83,33 @@ def _run_test(fn, shop, name: str) -> str | None:
     return None
 
 
+class _Watched:
+    """The harness, noting which of its calls a test makes."""
+
+    def __init__(self, shop) -> None:
+        self._shop, self.used = shop, set()
+
+    def __getattr__(self, name):
+        attr = getattr(self._shop, name)
+        if callable(attr):
+            self.used.add(name)
+        return attr
+
+
+def _check_calls(name: str, used: set) -> None:
+    makes, reads = INCIDENT_CALLS[name]
+    if not used & makes:
+        did = ", ".join(sorted(u for u in used if u.startswith("place"))) or "no place call"
+        raise LabCheckFailed(
+            f"Your test for {INCIDENTS[name]} passes, but on the shipped flow none of the calls "
+            f"it makes ({did}) leads to that incident: it reproduces another one. Which of the "
+            "harness's incidents ends that way on shop_v1?")
+    if not used & reads:
+        raise LabCheckFailed(
+            f"Your test for {INCIDENTS[name]} never reads what would show it: what would you "
+            "look at to see that incident?")
+
+
 @checker
 def check_lab08_tests(tests, stack) -> None:
     """Step 1: each characterisation test reproduces its incident on the shipped flow."""
@@ -88,13 +123,15 @@ def check_lab08_tests(tests, stack) -> None:
     try:
         shop = capstone.Shop(stack, FLAWED).start()
         for name, fn in tests.items():
-            failed = _run_test(fn, shop, name)
+            watched = _Watched(shop)
+            failed = _run_test(fn, watched, name)
             if failed:
                 raise LabCheckFailed(
                     f"On the shipped flow (shop_v1), your test for {INCIDENTS[name]} failed: "
                     f"{failed}. A characterisation test pins what the flow does today, incident "
                     "included: make the incident happen through `shop`, then assert what you "
                     "saw happen.")
+            _check_calls(name, watched.used)
             ok(f"{name}: passes on the shipped flow (the incident happened)")
         calm = shop.calm()
         for name, fn in tests.items():
@@ -205,6 +242,23 @@ def _check_policy(module) -> None:
        f"(cap {task.retry_backoff_max} s), at most {task.max_retries} times")
 
 
+def _check_dead_letter_source(module) -> None:
+    """A dead-letter queue fed from ``Task.on_failure`` misses a task whose process was killed
+    (chapter 5); this chaos run requeues its killed processes, so it is read from the source."""
+    try:
+        tree = ast.parse(Path(module.__file__).read_text())
+    except (OSError, SyntaxError):
+        return
+    on_failure = any(isinstance(n, ast.ClassDef) and any(
+        isinstance(f, ast.FunctionDef) and f.name == "on_failure" for f in n.body)
+        for n in ast.walk(tree))
+    if on_failure and "task_failure" not in Path(module.__file__).read_text():
+        raise LabCheckFailed(
+            "Your dead letters are written by Task.on_failure. Chapter 5 showed what it misses: "
+            "when the process running a task is killed, on_failure never runs (it runs in that "
+            "process), and the order fails with no letter. Who else hears about every failure?")
+
+
 def _check_routes(module) -> tuple[str, str]:
     checkout = capstone.route_of(module, "place_order")
     email = capstone.route_of(module, "send_receipt")
@@ -233,6 +287,11 @@ def _check_validation(report) -> None:
             f"submit_order sent malformed orders to the workers ({', '.join(report.accepted_malformed)}): "
             "validate at the boundary, and refuse a bad order with an exception before anything "
             "is published.")
+    if report.silently_dropped:
+        raise LabCheckFailed(
+            f"submit_order published nothing for malformed orders ({', '.join(report.silently_dropped)}), "
+            "but it did not refuse them either: the caller cannot tell a dropped order from an "
+            "accepted one. Refuse with an exception.")
     if report.unusual_refused:
         raise LabCheckFailed(
             f"submit_order refused a well-formed order ({capstone.UNUSUAL_BUT_VALID!r}): "
@@ -244,11 +303,20 @@ def _check_validation(report) -> None:
 def _why_lost(report, oid: str) -> str:
     kind = oid.rsplit("-", 1)[0]
     runs = report.attempts.get(oid, [])
+    if oid in report.paid and not report.charges.get(oid):
+        how = report.crashed.get(oid)
+        return ("it was marked paid and never charged" + (f": {how}, and " if how else ": ")
+                + "a later run took what the first left behind for a charge already made. What "
+                "does your code write before the charge has gone through?")
     if kind == "flaky":
         return ("the payment provider was unavailable for its first call(s), and the order was "
                 "never tried again once it was back" if len(runs) < 2 else
                 "the payment provider was unavailable for a while and the order gave up before it "
                 "came back")
+    if kind == "precharge":
+        return ("its pool process was killed during the provider's call, before the charge went "
+                "through, and the order never ran again: what does Celery do with the message of "
+                "a task whose process died, and can you change that?")
     if kind == "oom":
         return ("its pool process was killed right after the charge (as the OOM killer would), "
                 "and its message was acknowledged with the task marked failed: what does Celery "
@@ -281,6 +349,18 @@ def _check_orders(report) -> None:
     if report.no_receipt:
         raise LabCheckFailed(f"Paid orders got no receipt: {', '.join(report.no_receipt)}. Where "
                              "did the e-mail's message go?")
+
+
+def _retry_delays(attempts) -> list[float]:
+    """The delay each retry was scheduled with (its ETA minus its publish time, from the
+    recording): what the policy asked for, whatever the workers were doing meanwhile."""
+    from datetime import datetime
+    out = []
+    for a in attempts:
+        sent = next((e for e in a.events if e["event"] == "sent"), None)
+        if a.retries and sent and sent.get("eta"):
+            out.append(max(0.0, datetime.fromisoformat(sent["eta"]).timestamp() - sent["t"]))
+    return out
 
 
 def _check_dead_letters(report, autoretry: bool = False) -> None:
@@ -316,6 +396,15 @@ def _check_dead_letters(report, autoretry: bool = False) -> None:
         raise LabCheckFailed(
             f"The retries came back at once (longest wait {max(waits):.2f} s): a provider that "
             "is down is hammered. Back off, with a cap.")
+    down = [oid for oid, error in report.poison.items() if error == "PaymentUnavailable"]
+    for oid in down if not autoretry else ():
+        spaced = _retry_delays(report.attempts.get(oid, []))
+        if len(spaced) >= 2 and spaced[-1] < 1.5 * spaced[0]:
+            raise LabCheckFailed(
+                f"Order {oid}'s provider stayed down, and its retries were scheduled "
+                f"{', '.join(f'{w:.1f}' for w in spaced)} s after each failure: the same pace "
+                "each time. A provider that is down should be asked less and less often: back "
+                "off, with a cap.")
     ok(f"{len(report.poison)} poison orders in the dead letters with their errors, none retried "
        "in vain; retries backed off")
 
@@ -347,6 +436,7 @@ def check_lab08_contracts(stack) -> None:
     _check_explicit(module)
     _check_policy(module)
     _check_routes(module)
+    _check_dead_letter_source(module)
     try:
         report = capstone.chaos_run(stack, FLOW, phases=("validation", "burst"),
                                     verbose=False)
@@ -378,6 +468,14 @@ def _check_watch(watch, module) -> dict:
     if unwatched:
         raise LabCheckFailed(f"WATCH leaves queues of the flow unwatched: {unwatched}. Every "
                              "queue the flow uses should have its depth and lag recorded.")
+    from celerylab.observe import LagAlert, Sample
+    rule, blip = LagAlert(above=above, for_seconds=hold), [0, .25, .5, .75, 1, .75, .5, .25, 0, 0]
+    if any(rule.check(Sample(i * 0.25, "q", 1, age, 0, 0)) for i, age in enumerate(blip)):
+        raise LabCheckFailed(
+            f"This alert ({above:g} s for {hold:g} s) would page for an ordinary burst: in "
+            "chapter 7 a burst that drained by itself left its oldest message waiting up to about "
+            "1 s. Pages for traffic that fixes itself get muted; raise the threshold, or ask it to "
+            "hold for longer.")
     checkout = capstone.route_of(module, "place_order")
     if alert.get("queue") != checkout:
         raise LabCheckFailed(
@@ -428,7 +526,8 @@ def check_lab08_observability(watch, stack) -> None:
 # --- step 4 ----------------------------------------------------------------------------------
 def _sections(note: str) -> dict[str, str]:
     parts = re.split(r"^#+\s*(.+?)\s*$", note, flags=re.M)
-    return {title.strip().lower(): body for title, body in zip(parts[1::2], parts[2::2], strict=True)}
+    return {title.strip().rstrip(":.").strip().lower(): body
+            for title, body in zip(parts[1::2], parts[2::2], strict=True)}
 
 
 def _words(text: str) -> int:
@@ -438,7 +537,7 @@ def _words(text: str) -> int:
 def _check_note(note, module) -> None:
     if not isinstance(note, str):
         raise LabCheckFailed("NOTE must be the note's text (a string).")
-    if "TODO" in note:
+    if re.search(r"\bTODO\b", note, re.I):
         raise LabCheckFailed("The note still has TODO lines: replace each one with what your "
                              "flow does.")
     sections = _sections(note)
@@ -465,8 +564,8 @@ def _check_note(note, module) -> None:
         raise LabCheckFailed(f"'Defaults we chose' does not name every setting {FLOW}.py writes "
                              f"out: {', '.join(unnamed)}. Name each, with its value and why.")
     failures = sections[NOTE_SECTIONS[1].lower()].lower()
-    missing = [what for what, words in FAILURE_WORDS.items()
-               if not any(w in failures for w in words)]
+    missing = [what for what, words in FAILURE_WORDS.items()  # words, not parts of words
+               if not any(re.search(rf"\b{w}", failures) for w in words)]
     if missing:
         raise LabCheckFailed(f"'Failures we expect' does not cover: {', '.join(missing)}. For "
                              "each, say what the flow does then.")
@@ -505,6 +604,7 @@ def check_lab08(watch, note, stack):
     _check_alert(report, during_burst=True)
     _check_explicit(module)
     _check_policy(module)
+    _check_dead_letter_source(module)
     _check_note(note, module)
     print("Lab 8 passed: the chaos run left no lost order, no double charge, every poison order "
           "in the dead letters, checkouts fast through the burst, and a page for the stall.")
