@@ -216,7 +216,8 @@ def cmd_reset(args) -> int:
     print(f"stopped {len(left)} leftover process(es)" if left else "nothing was left running")
     shutil.rmtree(home() / "run", ignore_errors=True)
     shutil.rmtree(home() / "pids", ignore_errors=True)
-    removed = [p for d in ("notebooks", "labs", "solutions") for p in (ROOT / d).glob("*_tasks.py")]
+    removed = [p for d in ("notebooks", "labs", "solutions") for pattern in ("*_tasks.py", "shop_*.py")
+               for p in (ROOT / d).glob(pattern)]
     for p in removed:
         p.unlink()
     print(f"deleted runtime files and {len(removed)} generated task module(s)")
