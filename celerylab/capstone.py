@@ -477,6 +477,7 @@ class ChaosReport:
     samples: list = field(default_factory=list)  # the course's lag readings (truth), all queues
     stall: tuple | None = None  # (freeze, thaw) times
     drained_at: float | None = None  # when the checkout queue was empty again after the thaw
+    crash_at: float | None = None  # when the crash phase began (a restarted worker may page)
     alert: dict | None = None  # the alert's rule, and its readings: [(t, firing)]
     alert_log: list = field(default_factory=list)
     settled: bool = True
@@ -755,6 +756,7 @@ def chaos_run(stack, module_name: str, watch: dict | None = None, phases=PHASES,
             say(f"stall: the checkout worker{'s' if len(frozen) > 1 else ''} frozen for "
                 f"{report.stall[1] - freeze:.1f} s while 8 orders came in")
         if "crash" in phases:
+            report.crash_at = time.time()
             oom, before = new_id("oom"), new_id("precharge")
             submit(order(oom), "oom")
             submit(order(before), "oom-before")
