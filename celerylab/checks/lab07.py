@@ -275,8 +275,8 @@ class _Live:
                         time.time() - marks["drained"] > CLEAR_WITHIN + QUIET_AFTER:
                     break
                 if elapsed > LOAD_SECONDS + 12:
-                    raise LabCheckFailed("The stalled queue did not drain within 12 s of the "
-                                         "load's end (the check's own workers): run it again.")
+                    raise MachineTooBusy("the stalled queue did not drain within 12 s of the "
+                                         "load's end (the check's own workers).")
                 time.sleep(0.02)
             self.writes = _writes(self.spy.sent, self.flags)
         finally:
