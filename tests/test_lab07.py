@@ -242,13 +242,13 @@ def test_lab07_rejects_a_sampler_too_slow_for_a_burst(stack):
 
 
 @pytest.mark.parametrize("alert, hint", [
-    (alert_single_reading_low, r"fired for lab07-(burst|steady)"),
+    (alert_single_reading_low, r"fires for an ordinary burst|fired for lab07-(burst|steady)"),
     (alert_edge_triggered, "went quiet .* while the queue was still stalled"),
     (alert_slow_to_clear, "still firing for lab07-stall"),
     (alert_on_depth, r"fired for lab07-burst .*depth had reached"),
     (alert_latching, "still firing for lab07-stall .* after the queue had drained"),
     (alert_too_lenient, "never fired for lab07-stall|fired for lab07-stall only"),
-    (alert_twitchy, "fired for lab07-(steady|burst)"),
+    (alert_twitchy, "fires for an ordinary burst|fired for lab07-(steady|burst)"),
     (alert_returns_none, r"lag_alert returned None"),
 ], ids=["low-threshold-no-wait", "edge-triggered", "slow-to-clear", "depth-threshold",
         "never-clears", "threshold-too-high", "no-waiting-period", "returns-none"])

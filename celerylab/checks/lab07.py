@@ -400,6 +400,22 @@ def _judge(live: _Live, marks: dict) -> None:
     ok(f"cleared {max(0.0, cleared - t_drained):.1f} s after the stalled queue drained")
 
 
+def _check_burst_trace(lag_alert) -> None:
+    """Replay an ordinary burst through the alert: its oldest message reaches 1 s and the queue
+    drains within 2 s (what chapter 7 measured), one reading every 0.25 s. The live burst may
+    drain faster on a given machine, so on its own it cannot always tell a threshold under 1 s."""
+    t0, history = time.time(), []
+    for i, age in enumerate([None, 0.25, 0.5, 0.75, 1.0, 0.75, 0.5, 0.25, None, None]):
+        history.append({"t": t0 + i * 0.25, "depth": 0 if age is None else 40 - 4 * i,
+                        "oldest_age": age})
+        if call_learner(lag_alert, [dict(h) for h in history], what="lag_alert"):
+            raise LabCheckFailed(
+                f"Your alert fires for an ordinary burst: fed the readings of a queue whose oldest "
+                f"message reached 1 s and which drained by itself within 2 s (as in chapter 7), "
+                f"it fired at the reading where the oldest had waited {age} s. Nobody needs to be "
+                "woken for that.")
+
+
 @checker
 def check_lab07(sample_queue, lag_alert, stack) -> None:
     """Lab 7: a read-only lag sampler, and an alert that fires for a stall, not for a burst."""
@@ -408,6 +424,7 @@ def check_lab07(sample_queue, lag_alert, stack) -> None:
     flags = _command_flags(r)
     try:
         _check_sampler(sample_queue, stack, flags)
+        _check_burst_trace(lag_alert)
         live = _Live(stack, sample_queue, lag_alert, flags)
         marks = live.run()
         _judge(live, marks)
