@@ -3,7 +3,8 @@ decides when to page.
 
 1. The sampler, on queues of known contents and no worker: an empty queue reads depth 0 and no
    age; a queue whose oldest message waits in a priority sub-list, and one whose oldest waits in
-   the bare list behind a backlog of 120, next to a neighbour queue whose name starts the same,
+   the bare list behind a backlog of 120, next to a neighbour queue whose name starts the same
+   and three of whose messages a consumer holds unacknowledged (kombu's ``unacked`` hash),
    read the depth of all their lists and the oldest message's age. The learner's client is a
    read-only Redis user (ACL: scripts included) that also records every command.
 2. The alert, live: three queues take a steady load on real workers; one gets a burst that its
@@ -142,6 +143,12 @@ def _check_probe(sample_queue, stack, spy, flags, queue: str, where: str) -> Non
     high = observe.oldest_age(r, queue)
     if _dirty(r) != dirty:
         raise _writes_hint(queue, f"{_dirty(r) - dirty} changes counted by Redis")
+    held = r.hlen("unacked")
+    if held and got["depth"] == depth + held:
+        raise LabCheckFailed(f"sample_queue read a depth of {got['depth']} for a queue holding "
+                             f"{depth} waiting messages: it also counted the {held} messages a "
+                             "consumer holds unacknowledged (kombu's 'unacked' hash, shared by "
+                             "every queue). Those are not waiting: the lag is about what waits.")
     if got["depth"] != depth:
         shown = ", ".join(f"{n} in {name.encode('unicode_escape').decode()!r}"
                           for name, n in lists.items() if n)
@@ -156,7 +163,7 @@ def _check_probe(sample_queue, stack, spy, flags, queue: str, where: str) -> Non
 
 def _check_sampler(sample_queue, stack, flags) -> None:
     r = stack.redis
-    spy = _reader(stack)
+    spy, holder = _reader(stack), None
     try:
         got = _sample(sample_queue, spy, PROBES[0], flags)
         if got["depth"] != 0 or got["oldest_age"] is not None:
@@ -172,17 +179,24 @@ def _check_sampler(sample_queue, stack, flags) -> None:
             send(TASK, (0,), queue=PROBES[0], **options)
         for options in ({"priority": 3}, {"priority": 6}):
             send(TASK, (0,), queue=PROBES[1], **options)
-        for _ in range(3):
+        for _ in range(5):
             send(TASK, (0,), queue=NEIGHBOUR)
         with stack.control.connection_for_write() as conn:
             for _ in range(120):
                 send(TASK, (0,), queue=PROBES[1], connection=conn)
+        # A consumer takes three of the neighbour's messages and holds them unacknowledged, as a
+        # worker holds what it prefetched: kombu keeps them in the 'unacked' hash, not waiting.
+        holder = stack.control.connection_for_read()
+        for _ in range(3):
+            holder.default_channel.basic_get(NEIGHBOUR, no_ack=False)
         _check_probe(sample_queue, stack, spy, flags, PROBES[0],
                      "a priority sub-list, published first")
         _check_probe(sample_queue, stack, spy, flags, PROBES[1],
                      "the bare list, behind 120 newer messages")
     finally:
         spy.close()
+        if holder is not None:
+            holder.release()  # kombu puts the held messages back in their queue
         r.delete(*observe.queue_lists(PROBES[0]), *observe.queue_lists(PROBES[1]),
                  *observe.queue_lists(NEIGHBOUR))
     ok("sample_queue reads depth across every list of a queue (and no other queue's) and the "
