@@ -23,7 +23,8 @@ def test_private_redis_is_loopback_volatile_and_noeviction(tmp_path):
         assert config["bind"].split()[0] == "127.0.0.1"
         assert config["save"] == "" and config["appendonly"] == "no"
         assert config["maxmemory-policy"] == "noeviction"
-        assert took < 3, f"ready in {took:.2f} s"
+        # a guard against a hang, not a benchmark (`./course bench` prints the figure)
+        assert took < 10, f"ready in {took:.2f} s"
     finally:
         server.stop()
     assert not server.group.alive
@@ -35,7 +36,7 @@ def test_missing_binary_says_how_to_get_one(tmp_path, monkeypatch):
     t0 = time.monotonic()
     with pytest.raises(BrokerError) as err:
         RedisServer(tmp_path).start()
-    assert time.monotonic() - t0 < 3
+    assert time.monotonic() - t0 < 5  # within seconds, not a hang
     text = str(err.value)
     assert "No redis-server found" in text
     for fix in ("apt-get install redis-server", "brew install redis", "conda", "REDIS_URL"):
@@ -57,7 +58,7 @@ def test_port_taken_is_reported_fast(tmp_path, monkeypatch):
         t0 = time.monotonic()
         with pytest.raises(BrokerError, match=f"Port {port} .* already taken"):
             RedisServer(tmp_path).start()
-        assert time.monotonic() - t0 < 3
+        assert time.monotonic() - t0 < 5  # within seconds, not a hang
 
 
 def test_unreachable_redis_url_is_reported_fast(monkeypatch):
@@ -68,7 +69,7 @@ def test_unreachable_redis_url_is_reported_fast(monkeypatch):
     t0 = time.monotonic()
     with pytest.raises(BrokerError) as err:
         Stack("unreachable").start()
-    assert time.monotonic() - t0 < 3
+    assert time.monotonic() - t0 < 5  # within seconds, not a hang
     assert "Cannot reach Redis" in str(err.value) and "unset REDIS_URL" in str(err.value)
     assert "secret" not in str(err.value), "passwords are redacted"
 
