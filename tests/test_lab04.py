@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import nbformat
 import pytest
-from conftest import ROOT
+from conftest import ROOT, expect_verdict
 
-from celerylab.checks import LabCheckFailed, check_lab04
+from celerylab.checks import check_lab04
 
 pytestmark = pytest.mark.usefixtures("hog")
 
@@ -159,7 +159,8 @@ def lab04_module(variant: str) -> str:
     ("raises", "apply_payment failed for pay-A: NameError"),
     ("raises, results ignored", "apply_payment failed for pay-A: NameError"),
     ("not idempotent", "acct-A holds 2000"),
-    ("memory expires in 2 s", r"`payment:pay-A` is gone in [0-2] s"),
+    # both are what a 2 s memory does: the check sees the key go, or (stalled) the credit twice
+    ("memory expires in 2 s", r"`payment:pay-A` is gone in [0-2] s|acct-A holds 2000"),
     ("keyed by task id", "the client sent pay-E twice"),
     ("GET, then HINCRBY, then SET", "acct-F holds 120.*both copies credited it"),
     ("GET, then MULTI/EXEC of SET + HINCRBY", "acct-F holds 120.*both copies credited it"),
@@ -184,12 +185,11 @@ def test_lab04_checker(stack, tmp_path, monkeypatch, capsys, variant, hint):
     (tmp_path / "lab04_tasks.py").write_text(lab04_module(variant))
     monkeypatch.chdir(tmp_path)
     if hint is None:
-        check_lab04(stack)
+        expect_verdict(check_lab04, stack)
         out = capsys.readouterr().out
         assert "Lab 4 passed" in out
         assert "lockstep: credited once" in out and "killed right after" in out
         if variant == "7 audit writes, then the script":
             assert "makes 8 writes: the checker tried the first 6 only" in out
     else:
-        with pytest.raises(LabCheckFailed, match=hint):
-            check_lab04(stack)
+        expect_verdict(check_lab04, stack, hint=hint)

@@ -28,9 +28,10 @@ def run_check(sampler, alert, stack, tries: int = 3) -> None:
     for attempt in range(tries):
         try:
             return check_lab07(sampler, alert, stack)
-        except MachineTooBusy:
+        except MachineTooBusy as exc:
             if attempt == tries - 1:
-                pytest.skip(f"the machine was too busy to judge, {tries} times in a row")
+                pytest.skip(f"the machine was too busy to judge, {tries} times in a row "
+                            f"(last: {exc})")
 
 
 # --- right answers ---------------------------------------------------------------------------
@@ -209,14 +210,14 @@ def alert_edge_triggered(history):
 
 
 def alert_slow_to_clear(history):
-    """Stays on until the age has been low for 3 s."""
+    """Stays on until the age has been low for 4 s (the lab asks for 2 s after the drain)."""
     on, quiet_since = False, None
     for h in history:
         if (h["oldest_age"] or 0) > 3:
             on, quiet_since = True, None
         elif on:
             quiet_since = quiet_since or h["t"]
-            if h["t"] - quiet_since >= 3.0:
+            if h["t"] - quiet_since >= 4.0:
                 on = False
     return on
 
@@ -238,7 +239,7 @@ def test_lab07_rejects_a_sampler_counting_in_flight_messages(stack):
 
 
 def test_lab07_rejects_a_sampler_too_slow_for_a_burst(stack):
-    with pytest.raises(LabCheckFailed, match=r"A reading of sample_queue took 0\.6\d s"):
+    with pytest.raises(LabCheckFailed, match=r"A reading of sample_queue took \d+\.\d\d s \(median\)"):
         run_check(sampler_slow, alert_on_depth, stack)
 
 

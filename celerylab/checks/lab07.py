@@ -8,7 +8,7 @@ decides when to page.
    read the depth of all their lists and the oldest message's age. The learner's client is a
    read-only Redis user (ACL: scripts included) that also records every command.
 2. The alert, live: three queues take a steady load on real workers; one gets a burst that its
-   worker drains, one has its worker frozen (SIGSTOP) until a second worker is added. The learner's
+   worker drains (published while that worker pauses, so it arrives at once), one has its worker frozen (SIGSTOP) until a second worker is added. The learner's
    sampler and alert run every 0.25 s on each queue; the truth (``celerylab.observe``) is read
    before and after every reading. The readings must match the truth (and take well under the
    tick); the alert must stay quiet for the steady queue and the burst, fire for the stall within
@@ -252,7 +252,7 @@ class _Live:
         rates = {STEADY: 5, BURST: 5, STALL: 3}
         options = {STEADY: {}, BURST: {}, STALL: {"priority": 6}}  # the stall's wait in a sub-list
         self.spy = _reader(stack)
-        frozen = False
+        frozen = paused = False
         booting = None
         marks: dict[str, float] = {}
         try:
@@ -267,9 +267,15 @@ class _Live:
                         send(TASK, (0.05,), queue=q, **options[q])
                         sent[q] += 1
                 if "freeze" not in marks and elapsed >= FREEZE_AT:
+                    # The burst arrives all at once: its worker pauses while it is published
+                    # (on a busy machine publishing 80 can be slower than consuming them).
+                    os.killpg(burst.pid, signal.SIGSTOP)
+                    paused = True
                     with stack.control.connection_for_write() as conn:
                         for _ in range(BURST_SIZE):
                             send(TASK, (0.05,), queue=BURST, connection=conn)
+                    os.killpg(burst.pid, signal.SIGCONT)
+                    paused = False
                     os.killpg(stalled.pid, signal.SIGSTOP)
                     frozen = True
                     marks["freeze"] = time.time()
@@ -294,6 +300,8 @@ class _Live:
                 time.sleep(0.02)
             self.writes = _writes(self.spy.sent, self.flags)
         finally:
+            if paused:
+                os.killpg(burst.pid, signal.SIGCONT)
             if frozen:
                 os.killpg(stalled.pid, signal.SIGCONT)
             if booting:
@@ -307,14 +315,19 @@ def _fmt(t: float, t0: float) -> str:
     return f"{'+' if t >= t0 else '-'}{abs(t - t0):.1f} s"
 
 
-def _judge_readings(live: _Live, t0: float) -> None:
-    """The learner's readings against the truth read just before and after each of them."""
+def _judge_reading_speed(live: _Live) -> None:
+    """Judged before anything else of the live run: a few Redis commands take milliseconds even
+    on a busy machine (SLOW_READING is ~50x that), and a slow sampler slows the whole run."""
     took = sorted(live.took)[len(live.took) // 2]
     if took > SLOW_READING:
         raise LabCheckFailed(f"A reading of sample_queue took {took:.2f} s (median); the check "
                              f"reads each queue every {TICK:g} s, and a monitor that slow misses a "
                              "burst that comes and goes between its readings. A reading is a few "
                              "Redis commands: it should take milliseconds.")
+
+
+def _judge_readings(live: _Live, t0: float) -> None:
+    """The learner's readings against the truth read just before and after each of them."""
     for q in live.history:
         wrong = []
         for h, (t, d0, d1, a0, a1) in zip(live.history[q], live.truth[q], strict=True):
@@ -342,6 +355,7 @@ def _judge(live: _Live, marks: dict) -> None:
     t0 = t_freeze - FREEZE_AT
     if live.writes:
         raise _writes_hint("the live queues", ", ".join(sorted(set(live.writes))))
+    _judge_reading_speed(live)
     steady_truth = max(max(x[3] or 0, x[4] or 0) for x in live.truth[STEADY])
     burst_truth = max(max(x[3] or 0, x[4] or 0) for x in live.truth[BURST])
     burst_depth = max(x[1] for x in live.truth[BURST])
