@@ -141,7 +141,9 @@ r.delete("held");  # and the two left over are not needed
 #
 # * **steady**: 6 messages a second, and nothing else happens;
 # * **burst**: the same, and at 1.5 s, 80 extra messages arrive at once (a nightly import, a
-#   retry storm); its worker has four children and drains them in about a second;
+#   retry storm); its worker has four children and drains them in about a second. (To make them
+#   arrive at once on any laptop, its worker pauses while they are published: on a busy machine
+#   publishing 80 messages one by one can take longer than four children need to run them.)
 # * **stall**: 3 messages a second; at 1.5 s its worker is frozen (`SIGSTOP` to its process group: a hung process,
 #   a debugger, a stuck NFS mount: alive to the OS, doing nothing), and at 8 s a second worker
 #   is added (recovery, as an on-call engineer or an autoscaler would).
@@ -176,8 +178,10 @@ def send(queue):
 
 
 def burst():
+    os.killpg(burst_w.pid, signal.SIGSTOP)  # paused while the 80 are published: they arrive at once
     for _ in range(80):
         send("burst")
+    os.killpg(burst_w.pid, signal.SIGCONT)
 
 
 def freeze():
@@ -197,7 +201,7 @@ board = observe.Dashboard(sampler, seconds=11, threshold=RULE.above)
 display(board.widget)
 with sampler:
     load = observe.run_load({"steady": (send, 6), "burst": (send, 6), "stall": (send, 3)}, 11,
-                            actions=[(1.5, burst), (1.5, freeze), (8, add_worker)],
+                            actions=[(1.5, freeze), (1.5, burst), (8, add_worker)],
                             every=board.refresh)
     os.killpg(stalled.pid, signal.SIGCONT)  # thaw: its held messages run too
     stack.wait_until(lambda: all(observe.depth(r, q) == 0 for q in QUEUES)
@@ -210,7 +214,7 @@ board.done()
 # %%
 series = {q: sampler.series(q) for q in QUEUES}
 fired = {q: observe.alert_timeline(series[q], RULE) for q in QUEUES}
-t_freeze, t_rescue = load["done_at"][1], load["done_at"][2]
+t_freeze, t_rescue = load["done_at"][0], load["done_at"][2]
 observe.plot_lag(sampler.samples, QUEUES, load["t0"], RULE.above, alerts=fired);
 peaks = {q: {"depth": max(s.depth for s in series[q]),
              "oldest age (s)": round(max(s.oldest_age or 0 for s in series[q]), 2),
@@ -239,6 +243,7 @@ print(f"stall: alert fired {[round(t - t_freeze, 1) for t in firing_at[:1]]} s a
 # %%
 steady_wait = [a.wait for a in stack.records() if a.queue == "steady" and a.wait is not None]
 busy = percentile(steady_wait, 95) > 0.5  # the same-run reference: is the machine keeping up?
+stall_gap = max(b.t - a.t for a, b in zip(series["stall"], series["stall"][1:], strict=False))
 if busy:
     print(f"The machine is too busy to judge the burst right now (steady tasks waited "
           f"{percentile(steady_wait, 95):.1f} s, p95): its no-alert claim is not checked.")
@@ -247,11 +252,13 @@ else:
 assert not peaks["steady"]["alert fired"]
 assert peaks["burst"]["depth"] > peaks["stall"]["depth"] > 0, "depth ranks them the wrong way"
 assert peaks["stall"]["oldest age (s)"] > peaks["burst"]["oldest age (s)"], "lag ranks them right"
-if busy:  # the alert's timing: judged only on a machine that keeps up (the reference above)
-    print(f"Alert for the stall at {[round(t - t_freeze, 1) for t in firing_at[:1]]} s after the "
-          "freeze: not judged, the machine is too busy right now.")
+fired_after = [round(t - t_freeze, 1) for t in firing_at[:1]]
+if busy or stall_gap > 0.8:  # the alert's timing: judged only when the workers and the sampler
+    print(f"Alert for the stall {fired_after} s after the freeze: not judged, the machine is too "
+          f"busy right now (sampler's longest gap {stall_gap:.1f} s).")  # kept up (references)
 else:
-    assert firing_at and t_freeze + RULE.above + RULE.for_seconds - 0.5 <= firing_at[0] < t_rescue
+    assert firing_at and t_freeze + RULE.above + RULE.for_seconds - 0.5 <= firing_at[0] < t_rescue, \
+        f"fired {fired_after} s after the freeze; the rescuer came {t_rescue - t_freeze:.1f} s after"
 if any(s.depth == 0 for s in series["stall"][-3:-1]):  # drained before the recording ended
     assert clear_at, "the alert cleared after recovery"
 else:
