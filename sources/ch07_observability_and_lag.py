@@ -141,9 +141,10 @@ r.delete("held");  # and the two left over are not needed
 #
 # * **steady**: 6 messages a second, and nothing else happens;
 # * **burst**: the same, and at 1.5 s, 80 extra messages arrive at once (a nightly import, a
-#   retry storm); its worker has four children and drains them in about a second. (To make them
-#   arrive at once on any laptop, its worker pauses while they are published: on a busy machine
-#   publishing 80 messages one by one can take longer than four children need to run them.)
+#   retry storm, published from a thread of its own); its worker has four children and drains
+#   them in about a second. (To make them arrive at once on any laptop, its worker pauses while
+#   they are published: on a busy machine publishing 80 messages one by one can take longer than
+#   four children need to run them.)
 # * **stall**: 3 messages a second; at 1.5 s its worker is frozen (`SIGSTOP` to its process group: a hung process,
 #   a debugger, a stuck NFS mount: alive to the OS, doing nothing), and at 8 s a second worker
 #   is added (recovery, as an on-call engineer or an autoscaler would).
@@ -177,11 +178,20 @@ def send(queue):
     ch07_tasks.work.apply_async((0.05,), queue=queue)
 
 
-def burst():
-    os.killpg(burst_w.pid, signal.SIGSTOP)  # paused while the 80 are published: they arrive at once
-    for _ in range(80):
-        send("burst")
-    os.killpg(burst_w.pid, signal.SIGCONT)
+burst_took = []  # seconds the 80 took to publish: a reference for the burst's claims below
+
+
+def burst():  # another producer (a nightly import): its own thread, so the steady load goes on
+    def publish():
+        t = time.time()
+        os.killpg(burst_w.pid, signal.SIGSTOP)  # paused while the 80 go out: they arrive at once
+        try:
+            for _ in range(80):
+                send("burst")
+        finally:
+            os.killpg(burst_w.pid, signal.SIGCONT)
+        burst_took.append(time.time() - t)
+    threading.Thread(target=publish).start()
 
 
 def freeze():
@@ -242,11 +252,14 @@ print(f"stall: alert fired {[round(t - t_freeze, 1) for t in firing_at[:1]]} s a
 
 # %%
 steady_wait = [a.wait for a in stack.records() if a.queue == "steady" and a.wait is not None]
-busy = percentile(steady_wait, 95) > 0.5  # the same-run reference: is the machine keeping up?
+# the same-run references: did the steady queue keep up, and did the burst go out at once
+# (its oldest waits while it is published: under 2 s, plus a second of draining, stays under 3 s)?
+busy = percentile(steady_wait, 95) > 0.5
 stall_gap = max(b.t - a.t for a, b in zip(series["stall"], series["stall"][1:], strict=False))
-if busy:
+if busy or burst_took[0] > 2.0:
     print(f"The machine is too busy to judge the burst right now (steady tasks waited "
-          f"{percentile(steady_wait, 95):.1f} s, p95): its no-alert claim is not checked.")
+          f"{percentile(steady_wait, 95):.1f} s, p95; publishing the burst took "
+          f"{burst_took[0]:.1f} s): its no-alert claim is not checked.")
 else:
     assert not peaks["burst"]["alert fired"], "a burst that drains is not an incident"
 assert not peaks["steady"]["alert fired"]

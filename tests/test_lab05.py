@@ -14,6 +14,7 @@ import pytest
 from conftest import ROOT, solution_function
 
 from celerylab.checks import LabCheckFailed, MachineTooBusy, check_lab05
+from celerylab.workers import Worker
 
 pytestmark = pytest.mark.usefixtures("hog")
 
@@ -187,7 +188,8 @@ def test_lab05_accepts(lab05, capsys, changes, replay):
 def test_lab05_static_rejections_fail_fast(lab05, changes, hint, monkeypatch):
     stack = lab05(module_code(changes=changes))
     started = []
-    monkeypatch.setattr(stack, "start_workers", lambda *w: started.extend(w))
+    # every worker start goes through Worker.start (stack.start_workers too): record, start none
+    monkeypatch.setattr(Worker, "start", lambda self, *a, **k: started.append(self) or self)
     with pytest.raises(LabCheckFailed, match=hint):
         run_check(replay_named(SOLUTION_REPLAY), stack)
     assert not started, "a static rejection should not start a worker (nor wait for retries)"

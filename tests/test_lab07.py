@@ -13,6 +13,7 @@ import pytest
 from conftest import solution_function
 
 from celerylab.checks import LabCheckFailed, MachineTooBusy, check_lab07
+from celerylab.workers import Worker
 
 pytestmark = pytest.mark.usefixtures("hog")
 
@@ -170,7 +171,8 @@ def sampler_waits_for_work(r, queue):
         "script-that-writes", "waits-for-work"])
 def test_lab07_rejects_wrong_samplers_fast(stack, sampler, hint, monkeypatch):
     started = []
-    monkeypatch.setattr(stack, "start_workers", lambda *w: started.extend(w))
+    # every worker start goes through Worker.start (stack.start_workers too): record, start none
+    monkeypatch.setattr(Worker, "start", lambda self, *a, **k: started.append(self) or self)
     with pytest.raises(LabCheckFailed, match=hint):
         run_check(sampler, ALERT, stack)
     assert not started, "judged before any worker starts"

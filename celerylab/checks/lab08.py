@@ -602,8 +602,12 @@ def check_lab08(watch, note, stack):
     _check_validation(report)
     _check_orders(report)
     _check_dead_letters(report, autoretry=bool(getattr(module.place_order, "autoretry_for", ())))
-    _check_alert(report, during_burst=True)  # what the watch saw; the timing below is load's too
-    _check_p95(report)
+    if report.fired(report.t0, report.stall[0]):
+        _check_p95(report)  # an alert during the burst may be right, if the checkouts lagged
+        _check_alert(report, during_burst=True)
+    else:  # what the watch saw first: the p95 depends on the machine's load too
+        _check_alert(report, during_burst=True)
+        _check_p95(report)
     _check_explicit(module)
     _check_policy(module)
     _check_dead_letter_source(module)
