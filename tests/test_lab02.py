@@ -77,11 +77,11 @@ def test_the_speed_up_is_shown_never_blamed(stack, monkeypatch, capsys):
     Either way the answer is judged on what holds on any machine (processes at once)."""
     solution = solution_function("lab02_pool_and_concurrency", "choose_layout")
     fake_reference(monkeypatch, 0.010, 0.0095)
-    check_lab02(solution, stack)
+    expect_verdict(check_lab02, solution, stack)
     out = capsys.readouterr().out
     assert "too busy to show a speed-up" in out and "Lab 2 passed" in out
     fake_reference(monkeypatch, 0.010, 0.005)
-    check_lab02(solution, stack)
+    expect_verdict(check_lab02, solution, stack)
     out = capsys.readouterr().out
     assert "no speed-up this time" in out and "Lab 2 passed" in out
 

@@ -108,6 +108,8 @@ def run_lab02_workload(stack, layout) -> dict:
             "cpu seconds": cpu_span, "io seconds": io_span,
             "io waves": io_span / io_unit if io_span else None,
             "io finished": sum(a.id in set(io) for a in done),
+            "io tasks at once": processes_at_once([a for a in done if a.id in set(io)],
+                                                  per="task"),
             "cpu processes at once": processes_at_once(cpu_runs),
             "cpu tasks at once in one process": max(
                 (processes_at_once([a for a in cpu_runs if a.pid == pid], per="task")
@@ -157,6 +159,13 @@ def check_lab02(choose_layout, stack) -> None:
         raise cpu_failed()
 
     # I/O-bound: in waves of the time one task takes, whatever the machine's speed.
+    overlapped = fig["io tasks at once"]
+    if fig["io waves"] is not None and fig["io waves"] > LAB02_MAX_WAVES and not shared and \
+            overlapped * LAB02_MAX_WAVES >= 2 * n_io:  # half the target's waves would do
+        raise MachineTooBusy(f"the {n_io} I/O-bound tasks ran up to {overlapped} at once on a "
+                             f"worker of their own, enough to finish well within "
+                             f"{LAB02_MAX_WAVES} waves, "
+                             f"yet took {fig['io waves']:.1f} times as long as one of them.")
     if fig["io waves"] is None or fig["io waves"] > LAB02_MAX_WAVES:
         took = (f"only {fig['io finished']} of {n_io} had finished after "
                 f"{LAB02_GIVE_UP_WAVES} times the time one takes" if fig["io waves"] is None
