@@ -77,3 +77,24 @@ def test_a_check_called_with_the_wrong_arguments_says_so(stack):
     from celerylab.errors import CourseError
     with pytest.raises(CourseError, match=r"check_lab06\(worker_settings, stack\).*wrong arguments"):
         check_lab06(lambda: {})
+
+
+def test_a_check_the_machine_was_too_busy_for_runs_again_by_itself(stack, monkeypatch, capsys):
+    """In a notebook a too-busy verdict is retried (BUSY_RETRIES times), then reported."""
+    from celerylab.checks import MachineTooBusy, common
+    monkeypatch.setattr(common, "BUSY_RETRIES", 2)
+    calls = []
+
+    @common.checker
+    def check_busy_twice(stack, busy_times):
+        calls.append(1)
+        if len(calls) <= busy_times:
+            raise MachineTooBusy("a reference said so")
+        return "judged"
+
+    assert check_busy_twice(stack, 2) == "judged" and len(calls) == 3
+    assert "checking again (2 of 2)" in capsys.readouterr().out
+    calls.clear()
+    with pytest.raises(MachineTooBusy, match="a reference said so"):
+        check_busy_twice(stack, 3)
+    assert len(calls) == 3

@@ -24,10 +24,16 @@ class LabCheckFailed(CourseError, AssertionError):
     """The lab's answer does not do what the lab asks yet; the message is a hint."""
 
 
+# A check the machine was too busy to judge runs again by itself, up to this many times, before it
+# says so (a learner would re-run it anyway). The test suite sets 0: its own loop retries.
+BUSY_RETRIES = 2
+
+
 class MachineTooBusy(LabCheckFailed):
     """The reference measured in this run shows the machine cannot judge the answer right now."""
 
     def __init__(self, what: str) -> None:
+        self.what = what
         super().__init__(f"The machine is too busy to judge this right now: {what}\n"
                          "This says nothing about your answer. Close what else is running "
                          "(another notebook, a build) and run the check again.")
@@ -59,6 +65,18 @@ def checker(fn):
     import inspect
     signature = inspect.signature(fn)
 
+    def attempt(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except CourseError:
+            raise
+        except Exception as exc:
+            raise LabCheckFailed(
+                f"The check could not go on: {type(exc).__name__}: {exc}\n"
+                "Something your answer returned or did was not of the shape the lab describes "
+                "(a value of another type, a missing key, a message that is not JSON?). Compare "
+                "it with the lab's description, then run the check again.") from None
+
     @functools.wraps(fn)
     def run(*args, **kwargs):
         try:
@@ -71,15 +89,14 @@ def checker(fn):
             raise CourseError("This notebook's stack is not running (the notebook's last cell "
                               "stops it). Re-run the setup cell near the top "
                               "(stack = celerylab.start(...)), then this check.")
-        try:
-            return fn(*args, **kwargs)
-        except CourseError:
-            raise
-        except Exception as exc:
-            raise LabCheckFailed(
-                f"The check could not go on: {type(exc).__name__}: {exc}\n"
-                "Something your answer returned or did was not of the shape the lab describes "
-                "(a value of another type, a missing key, a message that is not JSON?). Compare "
-                "it with the lab's description, then run the check again.") from None
+        for n in range(BUSY_RETRIES + 1):
+            try:
+                return attempt(*args, **kwargs)
+            except MachineTooBusy as exc:
+                if n >= BUSY_RETRIES:
+                    raise
+                print(f"  ..  the machine was too busy to judge ({exc.what.splitlines()[0]:.160})"
+                      f"; checking again ({n + 1} of {BUSY_RETRIES})")
+        raise AssertionError("unreachable")
 
     return run
