@@ -99,14 +99,15 @@ class Stack:
                 errors.append(exc)
 
         threads = [threading.Thread(target=boot, args=(w,)) for w in workers]
-        for t in threads:
-            t.start()
         try:
+            for t in threads:
+                t.start()
             for t in threads:
                 t.join()
         except BaseException:  # interrupted (Ctrl-C, a kernel interrupt) while they boot
             for t in threads:
-                t.join(timeout=30)  # let each boot end, then stop what did start
+                if t.ident is not None:
+                    t.join(timeout=30)  # let each boot end, then stop what did start
             self.stop_workers()
             raise
         if errors:

@@ -142,15 +142,26 @@ def test_a_busy_loop_ends_with_the_process_that_started_it():
     assert wait_gone([hog], timeout=5) == [], "the busy loop outlived its parent"
 
 
-def test_an_interrupt_while_workers_boot_leaves_none_running(stack, tasks_module):
+def test_an_interrupt_while_workers_boot_leaves_none_running(stack, tasks_module, monkeypatch):
     """Ctrl-C (a kernel interrupt) during start_workers: every worker that booted is stopped."""
     import os
     import signal
-    import threading
 
     import pytest
+
+    from celerylab import workers as workers_module
+    spawn = workers_module.ProcessGroup.spawn
+    spawned = []
+
+    def spawn_then_interrupt(*args, **kwargs):  # Ctrl-C right after a worker process is spawned:
+        group = spawn(*args, **kwargs)          # by construction while the workers boot
+        spawned.append(group)
+        if len(spawned) == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # handled in the main thread, in its join()
+        return group
+
+    monkeypatch.setattr(workers_module.ProcessGroup, "spawn", spawn_then_interrupt)
     workers = [stack.worker(tasks_module, name=f"i{i}") for i in range(2)]
-    threading.Timer(0.3, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
     with pytest.raises(KeyboardInterrupt):
         stack.start_workers(*workers)
-    assert not any(w.alive for w in workers)
+    assert len(spawned) == 2 and not any(w.alive for w in workers)
