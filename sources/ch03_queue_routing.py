@@ -175,7 +175,9 @@ r.delete("fast", "slow", "celery", "urgent");
 # * `bulky` (`-c 1`, `--max-memory-per-child`) serves `bulky` (used further down).
 #
 # Experiment: six 1 s `resize_image` tasks, then twenty `lookup`s. Once with everything in the
-# `shared` queue, once with each kind in its own queue. Latency = sent to finished.
+# `shared` queue, once with each kind in its own queue. Latency = sent to finished. A third run,
+# the twenty lookups alone with nothing else queued, is the reference: what a lookup costs on this
+# machine right now, however busy it is.
 
 # %%
 MAX_MEMORY_KIB = 120 * 1024  # replace a bulky child once it holds more than 120 MiB
@@ -194,19 +196,35 @@ shared = widgets.latency_experiment(stack, ch03_tasks.lookup, ch03_tasks.resize_
                                     fast_queue="shared", slow_queue="shared")
 isolated = widgets.latency_experiment(stack, ch03_tasks.lookup, ch03_tasks.resize_image,
                                       fast_queue="fast", slow_queue="slow")
-for name, res in (("one shared queue", shared), ("separate queues", isolated)):
+alone = widgets.latency_experiment(stack, ch03_tasks.lookup, ch03_tasks.resize_image,
+                                   fast_queue="fast", slow_queue="slow", n_slow=0)
+for name, res in (("one shared queue", shared), ("separate queues", isolated),
+                  ("lookups alone", alone)):
     print(f"{name:17} lookup latency p50 {res['p50']:.3f} s   p95 {res['p95']:.3f} s")
 plots.latency_distributions({"one shared queue": shared["latencies"],
-                             "separate queues": isolated["latencies"]},
+                             "separate queues": isolated["latencies"],
+                             "lookups alone": alone["latencies"]},
                             "lookup latency (sent to finished)", log=True);
 
 # %%
 plots.timeline(shared["attempts"], title="Shared queue: the lookups wait behind the resizes");
 
 # %%
-# Relative claims, measured side by side: a busy machine slows both runs alike.
+# Relative claims, measured side by side: a busy machine slows all three runs alike.
 assert shared["p50"] > 1.0, "in the shared queue, lookups wait at least one 1 s resize"
-assert isolated["p95"] * 10 < shared["p50"], "on their own queue, ten times faster at least"
+
+
+def did_not_wait(p95):
+    """Ten times faster than shared, or (on a busy machine) as fast as the lookups alone."""
+    return p95 * 10 < shared["p50"] or (p95 <= 2 * alone["p95"] and p95 * 2 < shared["p50"])
+
+
+if alone["p95"] * 10 >= shared["p50"]:
+    print(f"This machine is too busy to show a tenfold gap right now: the lookups alone took "
+          f"p95 {alone['p95']:.2f} s. The claim judged is 'as fast as alone'.")
+assert did_not_wait(isolated["p95"]), "on their own queue, lookups do not wait for the resizes"
+assert {a.host for a in isolated["attempts"] if a.name.endswith(".lookup")} == {
+    workers["fast"].hostname}, "and only the fast worker ran them"
 # They did not get slower to *run*: nearly all of their latency was waiting (sent to started).
 waited = sum(a.wait for a in shared["attempts"] if a.name.endswith(".lookup"))
 assert waited > 0.9 * sum(shared["latencies"]), "in the shared queue, latency is waiting"
@@ -242,7 +260,7 @@ gone = stack.wait_until(
 print("bulky children now:", workers["bulky"].children())
 
 # %%
-assert p95 * 10 < shared["p50"] and {a.host for a in lookups} == {workers["fast"].hostname}
+assert did_not_wait(p95) and {a.host for a in lookups} == {workers["fast"].hostname}
 assert {by_id[x.id].queue for x in slow} == {"slow"}
 assert len(set(import_pids)) == 2, "each import got a fresh child"
 assert not any(pid_alive(p) for p in import_pids), "the children that held an import are gone"
