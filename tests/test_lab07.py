@@ -184,7 +184,16 @@ def alert_on_depth(history):
 
 
 def alert_latching(history):
-    return any((h["oldest_age"] or 0) > 3 for h in history)
+    """Turns on like the solution (over 3 s for 1 s), then never clears."""
+    since = None
+    for h in history:
+        if (h["oldest_age"] or 0) > 3:
+            since = since or h["t"]
+            if h["t"] - since >= 1.0:
+                return True
+        else:
+            since = None
+    return False
 
 
 def alert_too_lenient(history):
@@ -212,10 +221,13 @@ def alert_edge_triggered(history):
 
 
 def alert_slow_to_clear(history):
-    """Stays on until the age has been low for 4 s (the lab asks for 2 s after the drain)."""
-    on, quiet_since = False, None
+    """Stays on until the age has been low for 4 s (the lab asks for 2 s after the drain); turns
+    on like the solution (over 3 s for 1 s), so that is its only fault."""
+    on, quiet_since, above_since = False, None, None
     for h in history:
-        if (h["oldest_age"] or 0) > 3:
+        high = (h["oldest_age"] or 0) > 3
+        above_since = (above_since or h["t"]) if high else None
+        if high and (on or h["t"] - above_since >= 1.0):
             on, quiet_since = True, None
         elif on:
             quiet_since = quiet_since or h["t"]
@@ -259,3 +271,24 @@ def test_lab07_rejects_a_sampler_too_slow_for_a_burst(stack):
 def test_lab07_rejects_wrong_alerts(stack, alert, hint):
     with pytest.raises(LabCheckFailed, match=hint):
         run_check(SAMPLER, alert, stack)
+
+
+@pytest.mark.parametrize("fired, verdict", [
+    ([0, 0, 1, 1, 1], MachineTooBusy),  # turned on when the burst was 3.2 s old: load, no verdict
+    ([0, 1, 1, 1, 0], LabCheckFailed),  # turned on when it was 1.5 s old: the alert's own fault
+], ids=["on-at-an-old-reading", "on-at-a-young-reading"])
+def test_lab07_judges_a_burst_firing_by_the_age_that_turned_it_on(fired, verdict):
+    """An alert still on from a reading the load made old is not blamed for later young ones."""
+    from types import SimpleNamespace
+
+    from celerylab.checks import lab07
+
+    ages = {lab07.STEADY: [0.2] * 5, lab07.BURST: [0.5, 1.5, 3.2, 1.0, 0.5], lab07.STALL: [0] * 5}
+    live = SimpleNamespace(writes=[], took=[0.005] * 15, history={}, truth={}, fired={})
+    for q, qa in ages.items():
+        live.truth[q] = [(t, 70, 70, a, a) for t, a in enumerate(qa)]
+        live.history[q] = [{"t": t, "depth": 70, "oldest_age": a} for t, a in enumerate(qa)]
+        live.fired[q] = [(t, bool(f and q == lab07.BURST)) for t, f in enumerate(fired)]
+    with pytest.raises(verdict, match="fell behind" if verdict is MachineTooBusy else
+                       "fired for lab07-burst"):
+        lab07._judge(live, {"freeze": 10.0})

@@ -16,9 +16,9 @@ decides when to page.
    ``CLEAR_WITHIN`` seconds after the stalled queue has drained.
 
 Timing is judged against what happened in the same run: when the alert fired for the steady queue
-or the burst while their own oldest message (the truth) waited longer than ``BURST_GRACE``
-because the machine is slow, no verdict is given (``MachineTooBusy``); an alert that stayed quiet
-is judged on the rest.
+or the burst, turning on while their own oldest message (the truth) waited longer than
+``BURST_GRACE`` because the machine is slow, no verdict is given (``MachineTooBusy``); an alert
+that stayed quiet is judged on the rest.
 """
 
 from __future__ import annotations
@@ -363,10 +363,12 @@ def _judge(live: _Live, marks: dict) -> None:
     burst_truth = max(max(x[3] or 0, x[4] or 0) for x in live.truth[BURST])
     burst_depth = max(x[1] for x in live.truth[BURST])
     loud = any(f for q in (STEADY, BURST) for _, f in live.fired[q])
-    # firings at readings where that queue's oldest message (the truth) had waited at most
-    # BURST_GRACE: a verdict on the alert whatever the load did elsewhere in the run
-    young = {q: [t for (t, f), x in zip(live.fired[q], live.truth[q], strict=True)
-                 if f and max(x[3] or 0, x[4] or 0) <= BURST_GRACE] for q in (STEADY, BURST)}
+    # the alert turning on at a reading where that queue's oldest message (the truth) had waited
+    # at most BURST_GRACE: a verdict whatever the load did elsewhere in the run. Only the onset
+    # counts: an alert still on from an older reading is judged by the age that turned it on.
+    young = {q: [t for i, ((t, f), x) in enumerate(zip(live.fired[q], live.truth[q], strict=True))
+                 if f and not (i and live.fired[q][i - 1][1])
+                 and max(x[3] or 0, x[4] or 0) <= BURST_GRACE] for q in (STEADY, BURST)}
     if loud and not any(young.values()) and \
             (steady_truth > BURST_GRACE or burst_truth > BURST_GRACE):
         raise MachineTooBusy(f"the check's own workers fell behind (a steady queue's oldest "
