@@ -35,6 +35,7 @@ from celery import signals
 
 from celerylab import recording
 from celerylab.errors import CourseError
+from celerylab.stack import forget_shared_tasks
 
 CHARGES = "shop:charges"
 RECEIPTS = "shop:receipts"
@@ -136,7 +137,7 @@ def load_flow(name: str):
     if folder not in sys.path:
         sys.path.insert(0, folder)
     sys.modules.pop(name, None)
-    _forget_shared_tasks(name)
+    forget_shared_tasks(name)
     importlib.invalidate_caches()
     try:
         module = importlib.import_module(name)
@@ -153,26 +154,6 @@ def load_flow(name: str):
                         "`submit_order(order)`, and the tasks `place_order(order)` and "
                         "`send_receipt(order_id, email)`.")
     return module
-
-
-def _forget_shared_tasks(module_name: str) -> None:
-    """``@app.task`` is shared by default: it also registers the task with every app finalized
-    later (``celery._state.connect_on_app_finalize``). The app of a module imported again
-    would then get the first import's tasks, registered first, and ignore the edited ones
-    (celery/app/base.py, DuplicateTaskNameWarning). Forget the earlier import's."""
-    from celery import _state
-
-    def from_module(callback) -> bool:
-        for cell in getattr(callback, "__closure__", None) or ():
-            try:
-                if getattr(cell.cell_contents, "__module__", None) == module_name:
-                    return True
-            except ValueError:  # an empty cell
-                continue
-        return False
-
-    for callback in [cb for cb in _state._on_app_finalizers if from_module(cb)]:
-        _state._on_app_finalizers.discard(callback)
 
 
 def layout_of(module) -> dict:

@@ -4,9 +4,11 @@
     test     the whole test suite (pytest; notebooks in parallel)
     doctor   what is installed, what answers, what is left running
     preflight  is this laptop ready for a workshop? one line per problem with its fix; exit 0 if so
-    reset    stop anything the course left running and delete its runtime files;
-             NAME...: restore your workspace copy of those notebooks, --labs: of all of them
-             (yours are backed up first)
+    reset    stop what the course left running (of kernels that are gone) and delete its
+             runtime files; NAME...: restore your workspace copy of those notebooks, --labs: of
+             all of them (yours are backed up to workspace/backups/ first; nothing running is
+             touched)
+    backups  list the backups of your notebooks; restore NAME [--from FOLDER]: put one back
     build    regenerate notebooks/, labs/ and solutions/ from sources/ (--check: only report drift)
     bench    print the figures of docs/benchmarks.md; --soak N [--hog K]: the suite N times in a
              row (K busy loops beside it), pass/fail per run
@@ -23,9 +25,11 @@ import subprocess
 import sys
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 from celerylab.errors import CourseError
+from celerylab.processes import pid_alive
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -177,7 +181,7 @@ def cmd_test(args) -> int:
     left = course_processes()
     if left:
         print("celerylab: processes left running after the tests (a cleanup bug):\n"
-              + "\n".join(f"  {pid} {cmd}" for pid, cmd in left), file=sys.stderr)
+              + "\n".join(f"  {p.pid} {p.command}" for p in left), file=sys.stderr)
         return int(code) or 1
     return int(code)
 
@@ -195,37 +199,121 @@ def cmd_build(args) -> int:
     return 0
 
 
-def course_processes() -> list[tuple[int, str]]:
-    """(pid, command) of live processes the course started, from its pid notes."""
-    from celerylab.processes import home, pid_alive
+@dataclass
+class CourseProcess:
+    """A live process the course started, from its pid note."""
+    pid: int
+    command: str
+    owner: int  # the kernel (or command) that started it
+    notebook: str
+    since: float
+
+    @property
+    def live(self) -> bool:
+        """Its kernel still runs: a notebook in use, not a leftover."""
+        return pid_alive(self.owner)
+
+
+def course_processes() -> list[CourseProcess]:
+    """Live processes the course started, from its pid notes (notes of dead ones are removed)."""
+    from celerylab.processes import home
     found = []
     for note in sorted((home() / "pids").glob("*")):
         pid = int(note.name)
-        if pid_alive(pid):
-            found.append((pid, note.read_text().split(" ", 1)[-1].strip()))
-        else:
+        if not pid_alive(pid):
             note.unlink(missing_ok=True)
+            continue
+        lines = note.read_text().splitlines() + ["", ""]
+        owner, _, command = lines[0].partition(" ")
+        notebook, _, since = lines[1].partition(" ")
+        found.append(CourseProcess(pid, command.strip(), int(owner or 0), notebook or "-",
+                                   float(since or 0)))
     return found
 
 
+def leftovers() -> list[CourseProcess]:
+    return [p for p in course_processes() if not p.live]
+
+
+def describe_live(processes: list[CourseProcess]) -> list[str]:
+    """One line per live notebook: which, its kernel, since when, what it runs."""
+    by_owner: dict[tuple[int, str], list[CourseProcess]] = {}
+    for p in processes:
+        by_owner.setdefault((p.owner, p.notebook), []).append(p)
+    lines = []
+    for (owner, notebook), procs in sorted(by_owner.items()):
+        since = time.strftime("%H:%M", time.localtime(min(p.since for p in procs)))
+        lines.append(f"{notebook} (kernel pid {owner}, since {since}): "
+                     + ", ".join(f"{Path(p.command).name} {p.pid}" for p in procs))
+    return lines
+
+
 def cmd_reset(args) -> int:
+    """Names or --labs: restore workspace copies only (nothing running is touched). Alone:
+    stop what is left of kernels that are gone and delete their runtime files."""
+    if args.labs or args.names:
+        from celerylab.workspace import reset
+        done, backup = reset(None if args.labs else args.names)
+        print(f"restored {len(done)} notebook(s) in your workspace to the course's version")
+        _tell_backup(backup)
+        print("nothing running was touched: a notebook open on it keeps its kernel; reload it "
+              "in JupyterLab (File > Reload Notebook from Disk) to see the fresh copy")
+        return 0
     from celerylab.processes import home
     from celerylab.watchdog import terminate
-    left = course_processes()
-    terminate({pid for pid, _ in left})
-    print(f"stopped {len(left)} leftover process(es)" if left else "nothing was left running")
-    shutil.rmtree(home() / "run", ignore_errors=True)
-    shutil.rmtree(home() / "pids", ignore_errors=True)
+    everything = course_processes()
+    left = [p for p in everything if not p.live]
+    live = [p for p in everything if p.live]
+    terminate({p.pid for p in left})
+    print(f"stopped {len(left)} leftover process(es) (their kernels are gone)" if left
+          else "nothing was left running")
+    owners = {p.owner for p in live}
+    for rundir in (home() / "run").glob("*"):  # <namespace>-<kernel pid>
+        owner = rundir.name.rsplit("-", 1)[-1]
+        if not (owner.isdigit() and (int(owner) in owners or pid_alive(int(owner)))):
+            shutil.rmtree(rundir, ignore_errors=True)
+    if live:
+        print("left alone, in use by notebooks whose kernels run:\n  "
+              + "\n  ".join(describe_live(live))
+              + "\n  (shut those kernels down in JupyterLab to stop them)")
+        return 0
     removed = [p for d in ("notebooks", "labs", "solutions") for pattern in ("*_tasks.py", "shop_*.py")
                for p in (ROOT / d).glob(pattern)]
     for p in removed:
         p.unlink()
     print(f"deleted runtime files and {len(removed)} generated task module(s)")
-    if args.labs or args.names:
-        from celerylab.workspace import reset
-        done, backup = reset(None if args.labs else args.names)
-        print(f"restored {len(done)} notebook(s) in your workspace to the course's version"
-              + (f"; your versions are in {backup}" if backup else ""))
+    return 0
+
+
+def _tell_backup(backup: Path | None) -> None:
+    if backup is None:
+        print("(no copy differed from the course's: nothing needed a backup)")
+        return
+    shown = backup.relative_to(ROOT) if backup.is_relative_to(ROOT) else backup
+    print(f"your versions were backed up to {shown}/ (JupyterLab's file browser shows it)\n"
+          f"  get one back: ./course restore NAME --from {backup.name}   "
+          "(./course backups lists every backup)")
+
+
+def cmd_backups(args) -> int:
+    from celerylab.workspace import backups, backups_dir
+    found = backups()
+    if not found:
+        print(f"no backups yet (./course reset NAME makes one in {backups_dir()})")
+        return 0
+    print(f"backups in {backups_dir()} (newest last):")
+    for folder, names in found:
+        print(f"  {folder}: {', '.join(Path(n).stem for n in names)}")
+    print("get one back: ./course restore NAME [--from FOLDER]  (default: the newest that has it)")
+    return 0
+
+
+def cmd_restore(args) -> int:
+    from celerylab.workspace import restore
+    done, backup = restore(args.names, args.source)
+    print(f"restored your version of {', '.join(Path(n).stem for n in done)} into your workspace")
+    if backup is not None:
+        _tell_backup(backup)
     return 0
 
 
@@ -246,9 +334,13 @@ def cmd_doctor(args) -> int:
         print(f"broker   PROBLEM: {exc}")
     from celerylab.rabbit import rabbitmq_status
     print(f"rabbitmq {rabbitmq_status()[1]}")
-    left = course_processes()
-    print("left     " + (", ".join(f"{p} {c}" for p, c in left) + "  -> ./course reset"
-                         if left else "nothing left running"))
+    everything = course_processes()
+    left = [p for p in everything if not p.live]
+    for line in describe_live([p for p in everything if p.live]):
+        print(f"live     {line}")
+    print("left     " + (", ".join(f"{p.pid} {p.command} (of {p.notebook})" for p in left)
+                         + "  -> ./course reset (touches nothing live)"
+                         if left else "nothing left running (kernels gone)"))
     from celerylab.labgen import build
     drift = build(check=True)
     print("course   " + ("generated notebooks match sources/" if not drift else
@@ -296,6 +388,13 @@ def main(argv=None) -> int:
     p.add_argument("--labs", action="store_true",
                    help="restore every notebook of your workspace (backs up your versions)")
     p.set_defaults(fn=cmd_reset)
+    sub.add_parser("backups", help="list the backups of your notebooks").set_defaults(
+        fn=cmd_backups)
+    p = sub.add_parser("restore", help="put back your backed-up version of notebooks")
+    p.add_argument("names", nargs="+", metavar="NAME")
+    p.add_argument("--from", dest="source", metavar="FOLDER",
+                   help="the backup folder (default: the newest that has the notebook)")
+    p.set_defaults(fn=cmd_restore)
     sub.add_parser("doctor").set_defaults(fn=cmd_doctor)
     sub.add_parser("preflight").set_defaults(fn=cmd_preflight)
     p = sub.add_parser("bench")

@@ -79,7 +79,10 @@ class ProcessGroup:
         _LIVE.add(self)
         try:
             pidfile(popen.pid).parent.mkdir(parents=True, exist_ok=True)
-            pidfile(popen.pid).write_text(f"{os.getpid()} {popen.args[0]}\n")
+            # owner (the kernel), command; then which notebook and since when (./course doctor)
+            pidfile(popen.pid).write_text(
+                f"{os.getpid()} {popen.args[0]}\n"
+                f"{os.environ.get('CELERYLAB_NAMESPACE') or '-'} {time.time():.0f}\n")
         except OSError:
             pass
 

@@ -15,7 +15,9 @@ import ast
 import atexit
 import os
 import shutil
+import sys
 import time
+import weakref
 from contextlib import contextmanager
 
 import redis
@@ -28,6 +30,9 @@ from celerylab.processes import Watchdog, home, stop_groups
 from celerylab.workers import Worker
 
 _current: Stack | None = None
+_urls: set[str] = set()  # every broker URL a stack of this kernel has had
+# task modules (and their Celery apps) imported for an earlier stack: object -> module name
+_retired: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class Stack:
@@ -49,12 +54,14 @@ class Stack:
     def start(self) -> Stack:
         t0 = time.monotonic()
         self.rundir.mkdir(parents=True, exist_ok=True)
+        os.environ["CELERYLAB_NAMESPACE"] = self.namespace  # its processes' pid notes name it
         if self.external:
             self.url = claim_database(os.environ["REDIS_URL"], self.namespace)
         else:
             self.server = RedisServer(self.rundir).start(watchdog=self.watchdog)
             self.url = self.server.url
         self.broker_seconds = time.monotonic() - t0
+        _urls.add(self.url)
         os.environ.update(self.env)  # the kernel's own task modules read the same variables
         return self
 
@@ -269,26 +276,137 @@ def start(namespace: str) -> Stack:
         _current.stop()
     _current = Stack(namespace).start()
     atexit.register(_current.stop)
+    retire_task_modules(_current.url)
     _watch_the_broker()
     return _current
 
 
-def check_broker() -> None:
+def retire_task_modules(url: str) -> list[str]:
+    """Forget the task modules imported for an earlier stack of this kernel, so that the next
+    ``import chNN_tasks`` reads the new broker URL instead of returning the module (and its
+    Celery app) bound to a Redis that is gone. Returns their names."""
+    retired = []
+    for name, module in list(sys.modules.items()):
+        apps = [v for v in list(vars(module).values()) if _app_of_earlier_stack(v, url)] \
+            if module is not None else []
+        if not apps:
+            continue
+        sys.modules.pop(name, None)
+        forget_shared_tasks(name)
+        for obj in (module, *apps):
+            _retired[obj] = name
+        retired.append(name)
+    return retired
+
+
+def _app_of_earlier_stack(value, url: str) -> bool:
+    if not issubclass(type(value), Celery):  # type(): a proxy (celery.current_app) is not one
+        return False
+    try:
+        broker = value.conf.broker_url
+    except Exception:
+        return False
+    return broker in _urls and broker != url
+
+
+def forget_shared_tasks(module_name: str) -> None:
+    """``@app.task`` is shared by default: it also registers the task with every app finalized
+    later (``celery._state.connect_on_app_finalize``). The app of a module imported again
+    would then get the first import's tasks, registered first, and ignore the edited ones
+    (celery/app/base.py, DuplicateTaskNameWarning). Forget the earlier import's."""
+    from celery import _state
+
+    def from_module(callback) -> bool:
+        for cell in getattr(callback, "__closure__", None) or ():
+            try:
+                if getattr(cell.cell_contents, "__module__", None) == module_name:
+                    return True
+            except ValueError:  # an empty cell
+                continue
+        return False
+
+    for callback in [cb for cb in _state._on_app_finalizers if from_module(cb)]:
+        _state._on_app_finalizers.discard(callback)
+
+
+def retired_module(value) -> str | None:
+    """The task module ``value`` (a module, its Celery app, or one of its tasks) was imported
+    from, if that import belongs to an earlier stack of this kernel; else None."""
+    try:
+        if value in _retired:
+            return _retired[value]
+        app = getattr(value, "app", None) if hasattr(value, "apply_async") else None
+        return _retired.get(app) if app is not None else None
+    except TypeError:  # not hashable, not weak-referenceable: not ours
+        return None
+
+
+def check_broker(names: tuple[str, ...] = ()) -> None:
     """Raise a clear error at once if this kernel's stack has lost its Redis (killed, crashed):
-    otherwise the next Celery call would retry for about 20 s, then show a long traceback."""
+    otherwise the next Celery call would retry for about 20 s, then show a long traceback.
+    ``names``: the globals the cell reads; one bound to a task module of an earlier stack is
+    named, with the cell to run first."""
+    check_names(names)
+    problem = broker_problem(ping=False)
+    if problem:
+        raise CourseError(problem)
+
+
+def broker_problem(ping: bool = True) -> str | None:
+    """What is wrong with this kernel's broker, as the course says it (None: nothing found).
+    Without ``ping``, only whether the course's own redis-server process is gone."""
     s = _current
-    if s is None or s.server is None or s.server.group is None or s.server.group.alive:
+    if s is None or s.stopped:
+        return None
+    if s.server is not None and s.server.group is not None and not s.server.group.alive:
+        return (f"This notebook's Redis (pid {s.server.pid}) is gone: it was stopped or killed, "
+                f"and with it every queue and result of the stack. Re-run the setup cell "
+                f"(stack = celerylab.start({s.namespace!r})) to start a fresh one, then the cells "
+                "that start workers.")
+    if ping:
+        try:
+            redis.Redis.from_url(s.url, socket_timeout=1, socket_connect_timeout=1).ping()
+        except (redis.RedisError, OSError):
+            return (f"This notebook's Redis ({redact(s.url)}) does not answer. Start it again "
+                    f"(or fix REDIS_URL), then re-run the setup cell "
+                    f"(stack = celerylab.start({s.namespace!r})) and the cells that start workers.")
+    return None
+
+
+def _broker_errors() -> tuple[type[BaseException], ...]:
+    from kombu.exceptions import OperationalError
+    return (redis.ConnectionError, redis.TimeoutError, OperationalError, ConnectionError)
+
+
+def _explain_broker_error(shell, etype, value, tb, tb_offset=None):
+    """IPython's handler for connection errors: when the notebook's broker died, the course's
+    message (what died, the cell to re-run) instead of a library's traceback."""
+    problem = broker_problem()
+    if problem is None:
+        return shell.showtraceback((etype, value, tb), tb_offset=tb_offset)
+    shell.showtraceback((CourseError, CourseError(problem), None))
+    return None
+
+
+def check_names(names, then: str = "this one") -> None:
+    try:
+        from IPython import get_ipython
+        user_ns = get_ipython().user_ns
+    except (ImportError, AttributeError):
         return
-    raise CourseError(
-        f"This notebook's Redis (pid {s.server.pid}) is gone: it was stopped or killed, and with "
-        f"it every queue and result of the stack. Re-run the setup cell "
-        f"(stack = celerylab.start({s.namespace!r})) to start a fresh one, then the cells that "
-        "start workers.")
+    for name in names:
+        module = retired_module(user_ns.get(name))
+        if module:
+            raise CourseError(
+                f"`{name}` comes from {module}.py as imported for this notebook's previous stack "
+                f"(its Redis is gone): run the cell that imports {module} again, then {then}.")
 
 
 def _watch_the_broker() -> None:
     """In IPython, run ``check_broker()`` before each cell (except the one restarting the stack):
-    a notebook whose Redis died fails its next cell within a second, saying how to restart."""
+    a notebook whose Redis died fails its next cell within a second, saying how to restart; and a
+    connection error raised inside a cell (a course helper, a Celery call) while the broker is
+    dead is shown as that message, not as a library's traceback."""
     try:
         from IPython import get_ipython
     except ImportError:
@@ -297,18 +415,38 @@ def _watch_the_broker() -> None:
     if ip is None or any(isinstance(t, _BrokerWatch) for t in ip.ast_transformers):
         return
     ip.ast_transformers.append(_BrokerWatch())
+    ip.set_custom_exc(_broker_errors(), _explain_broker_error)
 
 
 class _BrokerWatch(ast.NodeTransformer):
     """Prepends ``check_broker()`` to a cell's code (IPython applies it to every cell)."""
 
-    CHECK = "__import__('celerylab.stack', fromlist=['check_broker']).check_broker()"
+    CHECK = "__import__('celerylab.stack', fromlist=['check_broker']).check_broker({names!r})"
 
     def visit_Module(self, node):
         if "celerylab.start(" in ast.unparse(node):
             return node  # the cell that (re)starts the stack must run
-        node.body[0:0] = ast.parse(self.CHECK).body
+        read, bound = set(), set()
+        for n in ast.walk(node):
+            if isinstance(n, ast.Name):
+                (read if isinstance(n.ctx, ast.Load) else bound).add(n.id)
+            elif isinstance(n, ast.alias):
+                bound.add((n.asname or n.name).split(".")[0])
+            elif isinstance(n, ast.arg):
+                bound.add(n.arg)
+        names = tuple(sorted(read - bound))
+        node.body[0:0] = ast.parse(self.CHECK.format(names=names)).body
         return ast.fix_missing_locations(node)
+
+
+def live_task(task):
+    """``task`` itself, or, when it was imported for an earlier stack of this kernel, the task of
+    the same name from its module imported again (for the current stack)."""
+    import importlib
+    module = retired_module(task)
+    if module is None:
+        return task
+    return getattr(importlib.import_module(module), task.name.rsplit(".", 1)[-1])
 
 
 def current() -> Stack:

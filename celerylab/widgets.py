@@ -9,6 +9,26 @@ STOPPED = ("This notebook's broker does not answer: its stack is stopped (the no
            "cell, stack.stop(), stops it) or its Redis died. Re-run the setup cell "
            "(stack = celerylab.start(...)) and the cells that start the workers, then press again.")
 
+# A control follows the notebook's current stack: re-running the setup cell (which replaces the
+# stack) and pressing again works, without re-running the control's own cell.
+
+
+def now(stack=None):
+    """The stack to act on when a control is pressed: the kernel's current one (the setup cell
+    may have replaced the one the control was made with), else ``stack``."""
+    from celerylab import stack as stacks
+    return stacks._current or stack
+
+
+def now_redis(r):
+    s = now()
+    return s.redis if s is not None and not s.stopped else r
+
+
+def now_task(task):
+    from celerylab.stack import live_task
+    return live_task(task)
+
 
 def answers(r) -> bool:
     """Does this Redis answer right now (within a second)?"""
@@ -30,14 +50,39 @@ def reported(out, fn, r=None):
 
     @functools.wraps(fn)
     def run(*args):
-        if r is not None and not answers(r):
+        if r is not None and not answers(now_redis(r)):
             return say(STOPPED)
         try:
+            from celerylab.stack import check_names
+            check_names(_globals_read(fn), then="press again")
             return fn(*args)
         except Exception as exc:
             from celerylab.errors import CourseError
             say(str(exc) if isinstance(exc, CourseError) else f"{type(exc).__name__}: {exc}")
     return run
+
+
+def _globals_read(fn) -> set[str]:
+    """The global names ``fn`` (and the functions it closes over, such as a notebook's request
+    handlers) read: one bound to a task module of an earlier stack is named to the learner."""
+    names, seen, todo = set(), set(), [fn]
+    while todo:
+        f = todo.pop()
+        code = getattr(f, "__code__", None)
+        if code is None or id(f) in seen:
+            continue
+        seen.add(id(f))
+        names |= set(code.co_names)
+        for cell in getattr(f, "__closure__", None) or ():
+            try:
+                value = cell.cell_contents
+            except ValueError:
+                continue
+            if callable(value):
+                todo.append(value)
+            elif isinstance(value, dict):
+                todo.extend(v for v in value.values() if callable(v))
+    return names
 
 
 def send_and_inspect(task, r, n: int, queue: str = "celery") -> dict:
@@ -72,14 +117,14 @@ def queue_explorer(task, r, queue: str = "celery"):
             print(text)
 
     def on_send(_):
-        report = send_and_inspect(task, r, count.value, queue)
+        report = send_and_inspect(now_task(task), now_redis(r), count.value, queue)
         show(f"sent {report['sent']}; LLEN {queue} = {report['depth']}\n"
              f"next out (right end, LINDEX -1): {report['oldest id']}\n"
              f"last in  (left end,  LINDEX 0):  {report['newest id']}")
 
     send.on_click(reported(out, on_send, r))
-    empty.on_click(reported(out, lambda _: show(f"deleted {purge(r, queue)} messages from "
-                                                  f"{queue!r}"), r))
+    empty.on_click(reported(out, lambda _: show(f"deleted {purge(now_redis(r), queue)} messages "
+                                                  f"from {queue!r}"), r))
     return w.VBox([w.HBox([count, send, empty]), out])
 
 
@@ -148,8 +193,8 @@ def routing_explorer(stack, fast_task, slow_task, queues: list[str]):
         out.clear_output()
         with out:
             print("running ...")
-            res = latency_experiment(stack, fast_task, slow_task, fast_queue=fast_q.value,
-                                     slow_queue=slow_q.value)
+            res = latency_experiment(now(stack), now_task(fast_task), now_task(slow_task),
+                                     fast_queue=fast_q.value, slow_queue=slow_q.value)
             history[f"fast:{fast_q.value}\nslow:{slow_q.value}"] = res["latencies"]
             out.clear_output()
             print(f"fast tasks p50 {res['p50']:.3f} s, p95 {res['p95']:.3f} s")
@@ -184,7 +229,7 @@ def prefetch_explorer(stack, *, app: str, task: str, late_task: str):
             setting = {"prefetch_multiplier": multiplier.value, "acks_late": late.value,
                        "disable_prefetch": disable.value, "concurrency": concurrency.value}
             runs = prefetch.compare_with_default(
-                stack, setting, app=app, task=task, late_task=late_task,
+                now(stack), setting, app=app, task=task, late_task=late_task,
                 n_long=n_long.value, n_short=max(n_short.value, 1))
             out.clear_output()
             print(plots.table([{"run": f"{label}: {prefetch.describe(m['setting'])}",

@@ -6,6 +6,7 @@ rewrites them and ``git pull`` updates them. A learner works in copies instead:
     workspace/notebooks/chNN_*.ipynb    the chapters, to change a setting and run again
     workspace/labs/labNN_*.ipynb        the labs, to solve
     workspace/.versions.json            for each copy, a fingerprint of the course version it came from
+    workspace/backups/<time>/...        a learner's versions, saved before a reset or a restore
 
 ``sync`` (run by ``./course open``) copies what the workspace does not have yet and never
 overwrites a copy. It reports, per notebook, whether the learner edited it and whether the course
@@ -91,37 +92,99 @@ def sync(root: Path = ROOT, ws: Path | None = None) -> list[Copy]:
     return report
 
 
+def _matches(name: str, wanted: str) -> bool:
+    stem = Path(name).stem
+    return stem == wanted or stem.startswith(wanted + "_")
+
+
+def _choose(names: list[str] | None, every: list[str]) -> list[str]:
+    if names is None:
+        return every
+    unknown = [x for x in names if not any(_matches(n, x) for n in every)]
+    if unknown:
+        from celerylab.errors import CourseError
+        raise CourseError(f"No course notebook called {', '.join(unknown)}. Names look like "
+                          "lab02 or ch03 (see ./course doctor).")
+    return [n for n in every if any(_matches(n, x) for x in names)]
+
+
+def backups_dir(ws: Path | None = None) -> Path:
+    """Where a learner's versions go before a reset: inside the workspace, so JupyterLab's file
+    browser shows them (and git ignores them with the rest of the workspace)."""
+    return (ws or workspace_dir()) / "backups"
+
+
+def _new_backup(ws: Path, backup_root: Path | None) -> Path:
+    root = backup_root or backups_dir(ws)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    folder, n = root / stamp, 1
+    while folder.exists():  # two resets in one second keep both
+        n += 1
+        folder = root / f"{stamp}-{n}"
+    return folder
+
+
 def reset(names: list[str] | None = None, root: Path = ROOT, ws: Path | None = None,
           backup_root: Path | None = None) -> tuple[list[str], Path | None]:
     """Replace the learner's copies (``names``: notebook stems such as ``lab02`` or
     ``lab02_pool_and_concurrency``; None: all) with the course's current version, backing up every
     copy that differs first. Returns (the notebooks reset, the backup folder or None)."""
-    from celerylab.processes import home
     ws = ws or workspace_dir()
+    chosen = _choose(names, course_notebooks(root))
+    return chosen, _replace(ws, {name: root / name for name in chosen},
+                            _new_backup(ws, backup_root), course=root)
+
+
+def _replace(ws: Path, sources: dict[str, Path], backup: Path, course: Path) -> Path | None:
+    """Copy each source over the workspace copy ``name``, backing up a copy that differs."""
     versions = _versions(ws)
-    every = course_notebooks(root)
-    if names is None:
-        chosen = every
-    else:
-        chosen = [n for n in every if any(Path(n).stem == x or Path(n).stem.startswith(x + "_")
-                                          for x in names)]
-        unknown = [x for x in names if not any(Path(n).stem == x or
-                                               Path(n).stem.startswith(x + "_") for n in every)]
-        if unknown:
-            from celerylab.errors import CourseError
-            raise CourseError(f"No course notebook called {', '.join(unknown)}. Names look like "
-                              "lab02 or ch03 (see ./course doctor).")
-    backup = (backup_root or home() / "backup") / time.strftime("%Y%m%d-%H%M%S")
     used_backup = False
-    for name in chosen:
-        source, mine = root / name, ws / name
+    for name, source in sources.items():
+        mine = ws / name
         if mine.exists() and mine.read_bytes() != source.read_bytes():
             (backup / Path(name).parent).mkdir(parents=True, exist_ok=True)
             shutil.copy2(mine, backup / name)
             used_backup = True
         mine.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source, mine)
-        fp = _fingerprint(source)
+        # what it was copied from is the course's version: a restored answer shows as edited
+        fp = _fingerprint(course / name if (course / name).exists() else source)
         versions[name] = {"course": fp, "copy": fp}
     _save_versions(ws, versions)
-    return chosen, backup if used_backup else None
+    return backup if used_backup else None
+
+
+def backups(ws: Path | None = None, backup_root: Path | None = None) -> list[tuple[str, list[str]]]:
+    """(backup folder name, the notebooks in it), oldest first."""
+    root = backup_root or backups_dir(ws)
+    found = []
+    for folder in sorted(p for p in root.glob("*") if p.is_dir()):
+        found.append((folder.name, sorted(p.relative_to(folder).as_posix()
+                                          for p in folder.rglob("*.ipynb"))))
+    return found
+
+
+def restore(names: list[str], which: str | None = None, root: Path = ROOT,
+            ws: Path | None = None, backup_root: Path | None = None) -> tuple[list[str], Path | None]:
+    """Put back the learner's backed-up version of each notebook in ``names`` (from the backup
+    folder ``which``, else the newest that has it). The copy it replaces is backed up first.
+    Returns (the notebooks restored, the backup of what they replaced or None)."""
+    from celerylab.errors import CourseError
+    ws = ws or workspace_dir()
+    folders = [f for f, _ in backups(ws, backup_root)]
+    if which is not None and which not in folders:
+        raise CourseError(f"No backup called {which!r}. ./course backups lists them.")
+    broot = backup_root or backups_dir(ws)
+    sources = {}
+    for wanted in names:
+        for folder in ([which] if which else reversed(folders)):
+            hits = [p for p in (broot / folder).rglob("*.ipynb") if _matches(p.name, wanted)]
+            if hits:
+                for hit in hits:
+                    sources[hit.relative_to(broot / folder).as_posix()] = hit
+                break
+        else:
+            raise CourseError(f"No backup of {wanted}"
+                              + (f" in {which}" if which else "") + ". ./course backups lists them.")
+    backup = _new_backup(ws, backup_root)
+    return sorted(sources), _replace(ws, sources, backup, course=root)

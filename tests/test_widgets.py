@@ -58,3 +58,20 @@ def test_time_handler_times_each_request():
     assert got["requests"] == 3 and 15 <= got["median ms"] < 60 and got["max ms"] >= 30
     box = handler_timer({"a": lambda i: None, "b": lambda i: None})
     assert [c.__class__.__name__ for c in box.children] == ["ToggleButtons", "HBox", "Output"]
+
+
+def test_a_control_follows_the_stack_the_setup_cell_restarted(tasks_module):
+    """Run All, then the setup cell again (a new stack, the first one's Redis gone): the control
+    made in the first run, pressed again, works on the new stack; no need to re-run its cell."""
+    import celerylab
+    first = celerylab.start("widgetfollow")
+    try:
+        mod = __import__(tasks_module)
+        box = widgets.queue_explorer(mod.add, first.redis, queue="parked")
+        second = celerylab.start("widgetfollow")  # the setup cell, re-run: the first one stops
+        assert first.stopped and not first.server.group.alive
+        box.children[0].children[1].click()
+        text = "".join(o.get("text", "") for o in box.children[1].outputs)
+        assert second.redis.llen("parked") == 5, text  # sent through the new stack
+    finally:
+        celerylab.stack.current().stop()

@@ -1,0 +1,47 @@
+"""How the suite runs notebooks (nbval): each one twice in one kernel, its outputs free of warnings.
+
+A learner presses Run All, changes a setting, and presses Run All again in the same kernel; the
+second run must work as well as the first. So every chapter and solution notebook is collected as
+its cells, then its cells again ("Cell N (run 2)"), all run in the one kernel nbval starts for the
+file: the second run shares the first's kernel, so no notebook runs three times.
+
+A cell whose output shows a Python warning (a pink ``UserWarning`` box in JupyterLab) fails: a
+learner should see the course's words, not a library's noise.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+RUNS = int(os.environ.get("CELERYLAB_NOTEBOOK_RUNS", "2"))
+WARNING = re.compile(r"\b\w*Warning: .*")
+
+
+def pytest_configure(config):
+    if not config.pluginmanager.hasplugin("nbval"):
+        return
+    from nbval import plugin
+
+    class CourseCell(plugin.IPyNbCell):
+        def runtest(self):
+            super().runtest()
+            for out in self.test_outputs or []:
+                if out.get("output_type") == "stream" and out.get("name") == "stderr":
+                    found = WARNING.search(out.get("text", ""))
+                    if found:
+                        self.raise_cell_error(
+                            f"a warning in the cell's output (a learner sees it): {found.group(0)}")
+
+    def collect(self):
+        cells = list(original(self))
+        for run in range(1, RUNS + 1):
+            suffix = "" if run == 1 else f" (run {run})"
+            for cell in cells:
+                yield CourseCell.from_parent(self, name=cell.name + suffix, cell_num=cell.cell_num,
+                                             cell=cell.cell, options=cell.options)
+
+    original = plugin.IPyNbFile.collect
+    if not getattr(original, "celerylab", False):
+        collect.celerylab = True
+        plugin.IPyNbFile.collect = collect
