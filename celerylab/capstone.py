@@ -575,7 +575,8 @@ class ChaosReport:
         bottom.set_xlabel("seconds into the run")
         bottom.set_ylabel("lag (s)")
         bottom.legend(fontsize=8, loc="upper left")
-        fig.tight_layout()
+        from celerylab.plots import tidy
+        tidy(fig)
         return fig
 
 

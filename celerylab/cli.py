@@ -40,11 +40,10 @@ def workspace_dir() -> Path:
 
 
 def lab_root_and_start() -> tuple[Path, str]:
-    """JupyterLab's root folder and the first notebook (the learner's copy of chapter 0), relative
-    to it: the course folder, unless CELERYLAB_WORKSPACE puts the workspace outside it."""
-    ws = workspace_dir().resolve()
-    root = ROOT if ws.is_relative_to(ROOT) else ws
-    return root, (ws / "notebooks" / "ch00_setup.ipynb").relative_to(root).as_posix()
+    """JupyterLab's root folder, the learner's workspace (their copies of the chapters and labs,
+    and the backups of them), and the first notebook, relative to it. The course's own folders
+    (generated notebooks, solutions, sources, tests) stay out of the file browser."""
+    return workspace_dir().resolve(), "notebooks/ch00_setup.ipynb"
 
 
 
@@ -144,7 +143,7 @@ def cmd_open(args) -> int:
     # end this process and leave JupyterLab running on its own
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
-    url = f"http://127.0.0.1:{port}/lab?token={token}"
+    url = f"http://127.0.0.1:{port}/lab/tree/{start}?token={token}"
     deadline = time.monotonic() + 60
     while lab.poll() is None and time.monotonic() < deadline:
         try:
@@ -157,7 +156,7 @@ def cmd_open(args) -> int:
         print(f"celerylab: JupyterLab exited (code {lab.returncode}); see its messages above. "
               f"Is port {port} free? Set CELERYLAB_JUPYTER_PORT to another.", file=sys.stderr)
         return 1
-    print(f"\n  The course is open:  {url}\n  Start with {start} (your copy). "
+    print(f"\n  The course is open:  {url}\n  It opens {start} of your workspace ({root}). "
           "Stop with Ctrl-C (every worker and Redis the notebooks started stops too).\n",
           flush=True)
 
@@ -166,6 +165,12 @@ def cmd_open(args) -> int:
     except KeyboardInterrupt:
         lab.terminate()
         code = lab.wait()
+    left = [p for p in course_processes() if not p.live]
+    print(f"\ncelerylab: stopped JupyterLab, its kernels and the workers and Redis servers they "
+          f"started{f' ({len(left)} still stopping: ./course reset)' if left else ''}. "
+          f"Your work is saved in {root} (notebooks you saved; "
+          "JupyterLab also saves every two minutes). ./course open continues where you left off.",
+          flush=True)
     return 0 if code in (0, -signal.SIGTERM, -signal.SIGINT) else code
 
 

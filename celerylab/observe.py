@@ -498,7 +498,8 @@ def plot_lag(samples, queues, t0: float, threshold: float | None = None, alerts=
                     ax.axvspan(t, t + 0.25, color="red", alpha=0.12, linewidth=0)
         age.set_ylim(bottom=0)
         ax.set_ylim(bottom=0)
-    fig.tight_layout()
+    from celerylab.plots import tidy
+    tidy(fig)
     return fig
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import warnings
 from collections.abc import Iterable
 
 import matplotlib.pyplot as plt
@@ -32,8 +33,10 @@ def table(rows: Iterable, columns: list[str] | None = None):
 
     class _Table:
         def _repr_html_(self) -> str:
-            head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
-            body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(r.get(c)))}</td>"
+            sample = {c: next((r.get(c) for r in rows if r.get(c) is not None), None)
+                      for c in columns}
+            head = "".join(_cell("th", sample[c], c) for c in columns)
+            body = "".join("<tr>" + "".join(_cell("td", r.get(c), _fmt(r.get(c)))
                                             for c in columns) + "</tr>" for r in rows)
             cap = f"<caption>{html.escape(caption)}</caption>" if caption else ""
             return f"<table>{cap}<tr>{head}</tr>{body}</table>"
@@ -44,6 +47,20 @@ def table(rows: Iterable, columns: list[str] | None = None):
             return "\n".join(lines)
 
     return _Table()
+
+
+def _cell(tag: str, v, text: str) -> str:
+    """Numbers right-aligned, words left-aligned (JupyterLab right-aligns every cell)."""
+    side = "right" if isinstance(v, int | float) and not isinstance(v, bool) else "left"
+    return f'<{tag} style="text-align:{side}">{html.escape(text)}</{tag}>'
+
+
+def tidy(fig) -> None:
+    """``tight_layout`` without its UserWarning (a pink box in the notebook) when a figure cannot
+    be made fully tight; a suptitle keeps its own band above the panels."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        fig.tight_layout(rect=(0, 0, 1, 0.96) if fig._suptitle is not None else None)
 
 
 def _fmt(v) -> str:
@@ -82,7 +99,7 @@ def timeline(attempts: list[Attempt], title: str = "Who ran what, when", ax=None
     ax.set_yticks(range(len(lanes)), [f"{h} pid {p}" for h, p in lanes])
     ax.set_xlabel("seconds since the first message was sent")
     ax.set_title(title + "  (bar: running, grey line: waiting since sent; green ok, red failed)")
-    ax.figure.tight_layout()
+    tidy(ax.figure)
     return ax
 
 
@@ -106,7 +123,7 @@ def latency_distributions(series: dict[str, list[float]], title: str, unit: str 
         ax.set_yscale("log")
     ax.set_ylabel(unit)
     ax.set_title(title)
-    ax.figure.tight_layout()
+    tidy(ax.figure)
     return ax
 
 
@@ -118,15 +135,33 @@ def bars(values: dict[str, float], title: str, ylabel: str, ax=None):
         ax.barh(list(values), list(values.values()), color="tab:blue")
         ax.invert_yaxis()  # first entry on top, as written
         for i, v in enumerate(values.values()):
-            ax.annotate(f" {v:.3g}", (v, i), ha="left", va="center", fontsize=9)
+            ax.annotate(f" {v:,.0f}" if v >= 100 else f" {v:.3g}", (v, i), ha="left",
+                        va="center", fontsize=9)
         ax.set_xlabel(ylabel)
     else:
         ax.bar(list(values), list(values.values()), color="tab:blue")
         for i, v in enumerate(values.values()):
-            ax.annotate(f"{v:.3g}", (i, v), ha="center", va="bottom", fontsize=9)
+            ax.annotate(f"{v:,.0f}" if v >= 100 else f"{v:.3g}", (i, v), ha="center",
+                        va="bottom", fontsize=9)
         ax.set_ylabel(ylabel)
     ax.set_title(title)
-    ax.figure.tight_layout()
+    tidy(ax.figure)
+    return ax
+
+
+def plain_numbers(axis) -> None:
+    """Tick labels as plain numbers (16,600, not 1.66e+04), also on a log scale."""
+    from matplotlib.ticker import FuncFormatter
+    fmt = FuncFormatter(lambda v, _pos: f"{v:,.0f}" if v >= 1 else f"{v:g}")
+    axis.set_major_formatter(fmt)
+    axis.set_minor_formatter(FuncFormatter(lambda v, _pos: ""))
+
+
+def log_bars(values: dict[str, float], title: str, xlabel: str):
+    """``bars`` on a log scale, each bar labelled with its plain value."""
+    ax = bars(values, title, xlabel)
+    ax.set_xscale("log")
+    plain_numbers(ax.xaxis)
     return ax
 
 
@@ -150,7 +185,7 @@ def timelines(series: dict[str, list[Attempt]], title: str = "", highlight=None)
     axes[-1].set_xlabel("seconds since the run's first message was sent")
     fig.suptitle(title + ("  (orange: short tasks, green: long; grey line: waiting)"
                           if marked else ""), fontsize=10)
-    fig.tight_layout()
+    tidy(fig)
     return fig
 
 
@@ -162,5 +197,5 @@ def steps(samples: list[tuple[float, float]], title: str, ylabel: str, ax=None):
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.set_ylim(bottom=0)
-    ax.figure.tight_layout()
+    tidy(ax.figure)
     return ax

@@ -302,11 +302,11 @@ def retire_task_modules(url: str) -> list[str]:
 def _app_of_earlier_stack(value, url: str) -> bool:
     if not issubclass(type(value), Celery):  # type(): a proxy (celery.current_app) is not one
         return False
-    try:
-        broker = value.conf.broker_url
+    try:  # its broker, or its result backend (a RabbitMQ app keeps its results in the Redis)
+        used = {value.conf.broker_url, value.conf.result_backend}
     except Exception:
         return False
-    return broker in _urls and broker != url
+    return bool(used & _urls) and url not in used
 
 
 def forget_shared_tasks(module_name: str) -> None:

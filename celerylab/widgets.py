@@ -147,7 +147,7 @@ def handler_timer(handlers: dict, r=None):
 
     which = w.ToggleButtons(options=list(handlers), description="handler")
     count = w.IntSlider(value=5, min=1, max=20, description="requests")
-    go = w.Button(description="handle requests")
+    go = w.Button(description="handle requests", layout=w.Layout(width="auto"))
     out = w.Output()
 
     def on_go(_):
@@ -219,7 +219,7 @@ def prefetch_explorer(stack, *, app: str, task: str, late_task: str):
     concurrency = w.IntSlider(value=2, min=1, max=4, description="-c (each)")
     n_long = w.IntSlider(value=3, min=0, max=8, description="long tasks")
     n_short = w.IntSlider(value=10, min=1, max=30, description="short tasks")
-    run = w.Button(description="run beside the default")
+    run = w.Button(description="run beside the default", layout=w.Layout(width="auto"))
     out = w.Output()
 
     def on_run(_):

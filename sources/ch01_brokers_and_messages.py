@@ -315,7 +315,7 @@ widgets.queue_explorer(ch01_tasks.add, r, queue="parked")
 # %% [markdown]
 # ## Lab 1
 #
-# Open `labs/lab01_pending_messages.ipynb`: write a function that lists a queue's pending
+# Open [labs/lab01_pending_messages.ipynb](../labs/lab01_pending_messages.ipynb) (your copy, in your workspace): write a function that lists a queue's pending
 # messages (task, id, args, retries, eta) without consuming them. Its checker tells you when it
 # is right. **Next:** Chapter 2 — worker processes.
 

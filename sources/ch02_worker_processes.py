@@ -398,7 +398,7 @@ assert not r.exists("unacked") or r.hlen("unacked") == 0
 #
 # ## Lab 2
 #
-# `labs/lab02_pool_and_concurrency.ipynb`: choose pools and concurrency for a mixed workload
+# [labs/lab02_pool_and_concurrency.ipynb](../labs/lab02_pool_and_concurrency.ipynb) (your copy, in your workspace): choose pools and concurrency for a mixed workload
 # that must reach a throughput target. **Next:** Chapter 3 — queue routing.
 
 # %%

@@ -356,7 +356,7 @@ assert one_at_a_time == (0, ["high"] * 2 + ["low"] * 4)
 #
 # ## Lab 3
 #
-# `labs/lab03_routing_layout.ipynb`: route a mixed workload and lay out the workers so the
+# [labs/lab03_routing_layout.ipynb](../labs/lab03_routing_layout.ipynb) (your copy, in your workspace): route a mixed workload and lay out the workers so the
 # latency-sensitive tasks meet a p95 target while slow and memory-hungry work runs.
 # **Next:** Chapter 4 — delivery guarantees and idempotency.
 

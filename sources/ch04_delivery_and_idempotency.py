@@ -436,7 +436,7 @@ assert r.llen("celery") == 1, "only the valid refund reached the queue"
 # %% [markdown]
 # ## Lab 4
 #
-# `labs/lab04_exactly_once_payments.ipynb`: make a payment task crash-safe and idempotent; the
+# [labs/lab04_exactly_once_payments.ipynb](../labs/lab04_exactly_once_payments.ipynb) (your copy, in your workspace): make a payment task crash-safe and idempotent; the
 # checker kills the worker mid-flight and counts every cent. **Next:** Chapter 5 — retries,
 # backoff and dead letters.
 

@@ -291,7 +291,7 @@ plot_attempts(axes[0], calls["sync_backoff"].id,
               "(orange: retry)")
 plot_attempts(axes[1], calls["sync_manual (never recovers)"].id,
               "sync_manual, never recovers (red: gave up)")
-fig.tight_layout()
+plots.tidy(fig)
 
 # %% [markdown]
 # ## Poison messages and a dead-letter queue on Redis
@@ -463,7 +463,7 @@ if rabbit_ok:
 #
 # ## Lab 5
 #
-# `labs/lab05_retries_and_dead_letters.ipynb`: write the retry policy and the dead-letter handling
+# [labs/lab05_retries_and_dead_letters.ipynb](../labs/lab05_retries_and_dead_letters.ipynb) (your copy, in your workspace): write the retry policy and the dead-letter handling
 # for a task calling a flaky dependency; the checker injects transient and permanent failures.
 
 # %%

@@ -325,9 +325,9 @@ rates = prefetch.drain_rates(stack, {label: (task, f"tiny-{i}", 400, ())
                                      for i, (label, (_, task)) in enumerate(TINY.items())})
 raw = prefetch.raw_redis_rates(r)
 stack.stop_workers()
-plots.bars({**{label: m["tasks/s"] for label, m in rates.items()}, "raw LPUSH": raw["LPUSH/s"],
-            "raw BRPOP": raw["BRPOP/s"]}, "Tiny tasks drained by one -c 2 worker, vs raw Redis",
-           "per second (log scale)").set_xscale("log");
+plots.log_bars({**{label: m["tasks/s"] for label, m in rates.items()},
+                "raw LPUSH": raw["LPUSH/s"], "raw BRPOP": raw["BRPOP/s"]},
+               "Tiny tasks drained by one -c 2 worker, vs raw Redis", "per second (log scale)");
 
 # %%
 celery_rate = rates["early ack, multiplier 4 (default)"]["tasks/s"]
@@ -449,7 +449,7 @@ widgets.prefetch_explorer(stack, app="ch06_tasks", task="ch06_tasks.work",
 # %% [markdown]
 # ## Lab 6
 #
-# `labs/lab06_prefetch_settings.ipynb`: two workers share a queue of long and short tasks; choose
+# [labs/lab06_prefetch_settings.ipynb](../labs/lab06_prefetch_settings.ipynb) (your copy, in your workspace): two workers share a queue of long and short tasks; choose
 # the prefetch, ack mode and concurrency so that short tasks stop waiting behind long ones,
 # without making the whole batch slower.
 

@@ -137,8 +137,8 @@ def open_course(**env):
         if not line:
             break
         seen.append(line)
-        found = re.search(r"The course is open:\s+(http://127\.0\.0\.1:(\d+))/lab\?token=(\w+)",
-                          line)
+        found = re.search(r"The course is open:\s+(http://127\.0\.0\.1:(\d+))/lab(/tree/\S+)?"
+                          r"\?token=(\w+)", line)
     if found is None:
         stop_course(proc)
         raise AssertionError("no ready URL printed:\n" + "".join(seen[-30:]))
@@ -148,7 +148,7 @@ def open_course(**env):
             seen.append(line)
     import threading
     threading.Thread(target=drain, daemon=True).start()
-    return proc, found.group(1), found.group(3), int(found.group(2)), seen
+    return proc, found.group(1), found.group(4), int(found.group(2)), seen
 
 
 def stop_course(proc, sig=None, group: bool = True) -> None:

@@ -170,3 +170,42 @@ def test_a_solved_lab_runs_in_a_real_browser_and_passes_its_check(course, page):
     assert "Lab 1 passed" in text
     assert page.locator(f"{NB} .jp-OutputArea-output:has-text('Lab 1 passed')").count() == 1
     page.screenshot(path=str(SHOTS / "lab01_solved.png"), full_page=True)
+
+
+def run_cell(page, course, path: str, code: re.Pattern) -> None:
+    """Run the one code cell whose text matches ``code`` (Ctrl+Enter), wait for the kernel."""
+    cell = page.locator(f"{NB} .jp-CodeCell").filter(has_text=code).first
+    cell.locator(".jp-InputPrompt").click()
+    page.keyboard.press("Control+Enter")
+    time.sleep(1)
+    deadline = time.monotonic() + 60
+    while not kernel_idle(course, path):
+        assert time.monotonic() < deadline, f"{path}: the cell {code.pattern} did not finish"
+        time.sleep(0.3)
+
+
+def press(page, label: str, expect: str) -> str:
+    button = page.locator(f"{NB} .jupyter-widgets button:has-text('{label}')")
+    output = page.locator(f"{NB} .jupyter-widgets .jp-OutputArea").last
+    button.scroll_into_view_if_needed()
+    button.click()
+    page.wait_for_function("([el, pat]) => new RegExp(pat).test(el.innerText)",
+                           arg=[output.element_handle(), expect], timeout=30_000)
+    return output.inner_text()
+
+
+def test_run_all_twice_then_the_setup_cell_alone_then_the_control(course, page):
+    """A learner's day: Run All twice in one kernel, then only the setup cell again, then the
+    control. The control says which cell to run (one line); after that cell it works."""
+    path = "notebooks/ch00_setup.ipynb"
+    for _ in range(2):
+        nb = run_all_and_save(page, course, path, keep_last=True)
+        assert not errors_in(nb), errors_in(nb)
+    press(page, "handle requests", r"enqueue: 5 requests, median [\d.]+ ms")
+    run_cell(page, course, path, re.compile(r"stack = celerylab\.start\("))
+    said = press(page, "handle requests", "run the cell that imports ch00_tasks again")
+    assert "Traceback" not in said and len(said.strip().splitlines()) <= 2, said
+    run_cell(page, course, path, re.compile(r"^import ch00_tasks", re.M))
+    press(page, "handle requests", r"enqueue: 5 requests, median [\d.]+ ms")
+    page.screenshot(path=str(SHOTS / "ch00_after_resetup.png"), full_page=True)
+    run_cell(page, course, path, re.compile(r"stack\.stop\(\)"))

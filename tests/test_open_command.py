@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -34,6 +35,15 @@ def test_course_open_serves_jupyterlab_with_a_token(stop):
         assert len(token) >= 32
         with urllib.request.urlopen(f"{base}/api/status?token={token}", timeout=5) as resp:
             assert resp.status == 200
+        opened = next(line for line in seen if "The course is open" in line)
+        assert "/lab/tree/notebooks/ch00_setup.ipynb?token=" in opened, opened
+        with urllib.request.urlopen(f"{base}/api/contents/notebooks/ch00_setup.ipynb"
+                                    f"?content=0&token={token}", timeout=5) as resp:
+            assert resp.status == 200  # the root is the workspace: the learner's copy opens
+        with urllib.request.urlopen(f"{base}/api/contents?content=1&token={token}",
+                                    timeout=5) as resp:
+            top = {item["name"] for item in json.load(resp)["content"]}
+        assert {"notebooks", "labs"} <= top and not top & {"solutions", "sources", "tests"}, top
         try:  # the token is on: no access without it
             urllib.request.urlopen(f"{base}/api/contents", timeout=5)
             raise AssertionError("JupyterLab answered without a token")
@@ -42,6 +52,11 @@ def test_course_open_serves_jupyterlab_with_a_token(stop):
     finally:
         stop_course(proc, group=(stop == "ctrl-c"))
     assert proc.returncode == 0, "".join(seen[-20:])
+    deadline = time.monotonic() + 5  # the last lines may still be on their way from the pipe
+    while not any("Your work is saved" in line for line in seen) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    said = "".join(seen[-5:])
+    assert "stopped JupyterLab" in said and "Your work is saved in" in said, said
     with socket.socket() as s:
         assert s.connect_ex(("127.0.0.1", port)) != 0, "JupyterLab still listening after stop"
 
