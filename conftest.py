@@ -45,3 +45,22 @@ def pytest_configure(config):
     if not getattr(original, "celerylab", False):
         collect.celerylab = True
         plugin.IPyNbFile.collect = collect
+
+
+# Where the suite's time goes: each test file's total (setup + call + teardown of its items, added
+# up across xdist workers), printed after pytest's own slowest items (--durations).
+_spent: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report):
+    path = report.nodeid.split("::")[0]
+    _spent[path] = _spent.get(path, 0.0) + report.duration
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _spent or len(_spent) < 2:
+        return
+    terminalreporter.section("time per test file (serial seconds, slowest first)")
+    for path, seconds in sorted(_spent.items(), key=lambda kv: -kv[1]):
+        terminalreporter.write_line(f"{seconds:8.1f}  {path}")
+    terminalreporter.write_line(f"{sum(_spent.values()):8.1f}  in all")

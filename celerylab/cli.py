@@ -180,6 +180,8 @@ def cmd_test(args) -> int:
     extra = list(args.pytest_args)
     if not any(a.startswith("-n") for a in extra):
         extra = ["-n", "2", "--dist", "loadfile", *extra]
+    if not any(a.startswith("--durations") for a in extra):
+        extra = ["--durations=15", *extra]  # the slowest items; conftest.py adds each file's total
     paths = [a for a in extra if Path(a.split("::")[0]).exists()]  # ./course test tests/x.py
     code = pytest.main([*(paths or [str(ROOT / d) for d in ("tests", "notebooks", "solutions")]),
                         "--nbval", "--nbval-current-env", "--nbval-cell-timeout=120", *extra])

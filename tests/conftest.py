@@ -62,6 +62,11 @@ def tasks_module(tmp_path, monkeypatch):
     return name
 
 
+# Services the suite requires when CI is set (tests skip without them elsewhere), by name and the
+# port the suite reaches them on. The GitHub workflow must start each (test_static checks).
+CI_SERVICES = {"rabbitmq": 5672}
+
+
 def course_env(**extra) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CELERYLAB_", "REDIS_URL"))}
     env.update(extra)

@@ -20,5 +20,7 @@ def test_unreachable_rabbitmq_is_said_clearly(monkeypatch):
 
 @pytest.mark.skipif(not os.environ.get("CI"), reason="only CI promises a RabbitMQ")
 def test_rabbitmq_is_reachable_in_ci():
+    from conftest import CI_SERVICES
+    assert "rabbitmq" in CI_SERVICES, "the workflow is checked against CI_SERVICES"
     reachable, message = rabbitmq_status()
     assert reachable, f"chapter 5's RabbitMQ lesson would skip in CI: {message}"
