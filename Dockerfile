@@ -9,7 +9,8 @@ RUN apt-get update \
 WORKDIR /course
 COPY pyproject.toml constraints.txt README.md ./
 COPY celerylab ./celerylab
-RUN pip install --no-cache-dir -c constraints.txt -e '.[dev]'
+RUN pip install --no-cache-dir -c constraints.txt -e '.[dev]' \
+ && python -c "from celerylab.cli import install_lab_overrides; install_lab_overrides()"
 
 EXPOSE 8888
 CMD ["python", "-m", "celerylab", "open", "--no-browser"]

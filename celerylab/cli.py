@@ -117,7 +117,10 @@ def _workspace_news(report) -> list[str]:
 def cmd_open(args) -> int:
     from celerylab.workspace import sync
     print(f"celerylab: {_preflight()}", flush=True)
-    install_lab_overrides()
+    try:
+        install_lab_overrides()
+    except OSError:  # a read-only prefix (the Docker image, run as the host user: set at build)
+        pass
     for line in _workspace_news(sync()):
         print(f"celerylab: {line}", flush=True)
     port = int(os.environ.get("CELERYLAB_JUPYTER_PORT") or 0) or _free_port(8888)

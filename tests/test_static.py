@@ -118,6 +118,9 @@ def test_compose_services_are_safe_by_default():
         for port in svc.get("ports", []):
             assert str(port).startswith("127.0.0.1:"), f"{name} publishes {port} beyond loopback"
     assert services["lab"]["volumes"] == [".:/course"]
+    # what the lab writes into the host's clone belongs to the host user, not root
+    assert services["lab"]["user"] == "${CELERYLAB_UID:-1000}:${CELERYLAB_GID:-1000}"
+    assert services["lab"]["environment"]["HOME"] == "/tmp"
     assert "JUPYTER_TOKEN" in services["lab"]["environment"]
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert re.search(r"^FROM python:3\.1[1-3]-slim", dockerfile, re.M), "a multi-arch base"
