@@ -6,8 +6,12 @@ argument of the Celery task that is running (a payment id, say):
 
     crash      SIGKILL the process right AFTER the job's k-th write command (or pipeline/
                transaction batch that writes), once: what the OOM killer can do between any two
-               writes. A Lua script is one command and a MULTI/EXEC transaction runs all or none
-               of its commands, so neither is split (a plain pipeline is one batch here too).
+               writes. A Lua script is one command, and a MULTI/EXEC transaction reaches Redis
+               as one batch that runs without another client's commands in between, so neither
+               is split. (EXEC is not all-or-none: a command that fails inside it does not undo
+               the others; Redis has no rollback.) A plain pipeline (``transaction=False``) is
+               no unit: Redis runs its commands one by one, so it is split here, command by
+               command, like separate calls.
     lockstep   every command the job sends waits until the other delivery of the same job has
                reached the same command: two duplicates that run side by side interleave
                command by command, so a check-then-write race shows every time, not by luck.
@@ -179,7 +183,8 @@ class ChaosRedis(redis.Redis):
 
 
 class ChaosPipeline(ChaosRedis, Pipeline):
-    """A pipeline (or MULTI/EXEC transaction): its batch is watched as ONE command."""
+    """A MULTI/EXEC transaction: its batch is watched as ONE command. A plain pipeline: each of
+    its commands is watched (and can be crashed after) on its own."""
 
     _in_batch = False
 
@@ -201,6 +206,8 @@ class ChaosPipeline(ChaosRedis, Pipeline):
         job = self._watched(commands) if commands else None
         if job is None:
             return Pipeline.execute(self, raise_on_error)
+        if not self.transaction:
+            return self._one_by_one(raise_on_error)
         names = [_name(c) for c in commands]
         self._before(job, names)
         self._in_batch = True
@@ -210,6 +217,23 @@ class ChaosPipeline(ChaosRedis, Pipeline):
             self._in_batch = False
         self._after(job, names)
         return result
+
+
+    def _one_by_one(self, raise_on_error: bool) -> list:
+        """A plain pipeline's commands as Redis runs them: one at a time, each watched."""
+        queued = list(self.command_stack)
+        self.reset()
+        client = ChaosRedis(connection_pool=self.connection_pool)
+        client._chaos_url, client._unwatched = self._chaos_url, self._unwatched
+        results = []
+        for args, options in queued:
+            try:
+                results.append(client.execute_command(*args, **options))
+            except redis.ResponseError as exc:
+                if raise_on_error:
+                    raise
+                results.append(exc)
+        return results
 
 
 def connect(url: str, unwatched_keys=(), **kwargs) -> ChaosRedis:

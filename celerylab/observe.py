@@ -56,12 +56,18 @@ def depth(r, queue: str) -> int:
 def oldest_age(r, queue: str, now: float | None = None) -> float | None:
     """Seconds the oldest waiting message has waited (None when the queue is empty).
 
-    Workers pop from the right, so ``LINDEX list -1`` is each list's oldest message; the oldest
-    of the queue is the oldest of its lists. Celery's message has no publish time: the age comes
-    from the ``celerylab_sent_at`` header the course's recorder stamps on every message."""
+    Producers push on the left (kombu's ``Channel._put``: LPUSH) and workers pop from the right,
+    so ``LINDEX list -1`` is the oldest message published; but a message put back by
+    ``reject(requeue=True)`` goes back on the left, behind everything waiting
+    (``QoS.reject`` restores it ``leftmost``, ``kombu/transport/redis.py``), old as it is. So both
+    ends are read and the older counts (a message requeued into the middle of a long list by
+    several rejects is still missed: reading every message costs O(depth)). The oldest of the
+    queue is the oldest of its lists. Celery's message has no publish time: the age comes from
+    the ``celerylab_sent_at`` header the course's recorder stamps on every message."""
     pipe = r.pipeline(transaction=False)
     for name in queue_lists(queue):
         pipe.lindex(name, -1)
+        pipe.lindex(name, 0)
     stamps = []
     for raw in pipe.execute():
         if raw is not None:
@@ -72,7 +78,9 @@ def oldest_age(r, queue: str, now: float | None = None) -> float | None:
 
 
 def in_flight(r) -> dict[str, int]:
-    """Unacknowledged messages per queue (routing key), from the ``unacked`` hash."""
+    """Unacknowledged messages per routing key, from kombu's ``unacked`` hash (each entry keeps
+    the message, its exchange and its routing key, not the queue it came from; with Celery's
+    default direct routing the routing key is the queue's name, as everywhere in this course)."""
     counts: dict[str, int] = {}
     for raw in r.hvals("unacked"):
         try:

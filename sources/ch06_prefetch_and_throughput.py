@@ -33,9 +33,10 @@ assert stack.health()
 #   `acks_late` acknowledges after it returns, so running tasks do count.
 # * `worker_disable_prefetch` (new in Celery 5.6, Redis only, flag `--disable-prefetch`): fetch
 #   nothing while the worker already has as many tasks as pool processes.
-# * `worker_eta_task_limit` (new in 5.6, default none): a ceiling on the worker's whole
-#   prefetch count once ETA tasks raise it (it becomes the QoS `max_prefetch`,
-#   `celery/worker/consumer/tasks.py`), so a value below concurrency × multiplier lowers it.
+# * `worker_eta_task_limit` (new in 5.6, default none): a ceiling on the *increases* ETA tasks make
+#   to the worker's prefetch count (it becomes the QoS `max_prefetch`,
+#   `celery/worker/consumer/tasks.py`; kombu's `QoS.increment_eventually` stops there, while
+#   `decrement_eventually` does not look at it: `kombu/common.py`). Shown below, with its cost.
 #
 # `acks_late` is set per task below (`work` vs `work_late`), so one module serves every experiment;
 # the flags go on each worker's command line (`Worker.command` shows it).
@@ -214,15 +215,52 @@ print(f"default worker: the plain task finished {done_free.latency:.2f} s after 
 
 # %%
 assert not received and left == 15, "the capped worker fetches nothing until an ETA falls due"
+
+# %% [markdown]
+# The cap has a second cost, and it lasts. It limits only the *increases*: each ETA task that
+# falls due still *decreases* the prefetch count by one (`Consumer.apply_eta_task` calls
+# `qos.decrement_eventually()`, `celery/worker/consumer/consumer.py`; kombu keeps it at 1 or
+# more). Once the ETA volume reaches the cap, the increments it dropped are never given back:
+# after those tasks have run, the worker holds a smaller window than it started with, and keeps
+# it. Fresh workers, twelve tasks due in 2 s to each:
+
+# %%
 stack.stop_workers()  # the held ETA messages go back to their queues (kombu recreates the lists)
 for q in ("eta", "capped"):
     r.delete(q)  # and nobody needs them
+eta_free = stack.worker("ch06_tasks", name="eta", queues=["eta"], concurrency=2)
+eta_capped = stack.worker("ch06_capped_tasks", name="capped", queues=["capped"], concurrency=2)
+stack.start_workers(eta_free, eta_capped)
+soon = [ch06_tasks.work.apply_async((0.01,), queue=q, countdown=2).id
+        for q in ("eta", "capped") for _ in range(12)]
+stack.wait_for(soon, timeout=30)
+hosts = [eta_free.hostname, eta_capped.hostname]
+
+
+def prefetch_counts():
+    stats = stack.control.control.inspect(hosts, timeout=3).stats() or {}
+    return tuple(stats.get(h, {}).get("prefetch_count") for h in hosts)
+
+
+after_eta = prefetch.wait_steady(stack, prefetch_counts, steady=1.0, what="the prefetch counts")
+print(f"prefetch_count after the ETA tasks ran: default worker {after_eta[0]}, "
+      f"capped worker {after_eta[1]} (both started at 2 x 4 = 8)")
+
+# %%
+assert after_eta == (8, 1), after_eta  # 8 + 12 - 12; min(8 + 12, 10) - 12, kept at 1 or more
+stack.stop_workers()
 
 # %% [markdown]
-# So set `worker_eta_task_limit` well above concurrency × multiplier, or better, send
-# countdowns and retries to a queue of their own (chapter 3), where a full window delays only
-# other delayed work. And remember chapter 4: a held ETA message that waits longer than the
-# visibility timeout is delivered again.
+# A capped worker whose ETA volume reached the cap now fetches one message at a time: with
+# `acks_late` it also *runs* at most one task at a time, whatever its concurrency (the prefetch
+# count bounds unacknowledged messages, running ones included). So use `worker_eta_task_limit`
+# only as a memory guard for a worker whose ETA volume should never reach it (set it well above
+# concurrency × multiplier plus the ETA tasks you expect), watch for it being reached, and restart
+# a worker that did. The other lever: countdowns and retries on **their own queue, consumed by
+# workers of their own**. The prefetch window belongs to the worker, not the queue, so a separate
+# queue helps only when a separate worker consumes it; and a retry goes back to the task's own
+# routing unless `self.retry(queue=...)` names another. And remember chapter 4: a held ETA
+# message that waits longer than the visibility timeout is delivered again.
 #
 # ## Two workers, one queue: long and short tasks
 #
@@ -307,7 +345,10 @@ one.stop()
 # is already in the worker. So measure the round trip, and what a tiny task costs Celery. Each
 # worker below (`-c 2`) finds 400 messages waiting at once (published to a side list, then
 # `RENAME`d into its queue), and we time it draining them. In the same cell, raw `LPUSH` and
-# `BRPOP` on the same Redis: the floor a broker round trip sets.
+# `BRPOP` on the same Redis: the floor a broker round trip sets. (Kombu's Redis transport makes
+# three round trips per message: the `BRPOP`, a pipelined `ZADD`+`HSET` into `unacked_index` and
+# `unacked` on delivery, a pipelined `ZREM`+`HDEL` on ack: `QoS.append` and `QoS.ack` in
+# `kombu/transport/redis.py`. Prefetch can hide only the first: the fetch.)
 
 # %%
 TINY = {  # label: (worker setting, task)
@@ -431,8 +472,11 @@ assert before == 1 and max(n for _, n in pool) == 4 and pool[-1][1] == 1
 assert pool[-1][0] > finished, "it shrank only after the burst was done"
 
 # %% [markdown]
-# The pool grew to its maximum as the burst arrived and went back to one child about a keepalive
-# after the last task. Autoscaling saves memory between bursts; it does not make a burst faster
+# The pool grew to its maximum as the burst arrived and went back to one child one to two
+# keepalives after the last task: the autoscaler checks on a timer, every keepalive seconds
+# (`hub.call_repeatedly(keepalive, maybe_scale)`, `celery/worker/autoscale.py`), and shrinks
+# only when it last grew or received a task more than a keepalive before that check. Autoscaling
+# saves memory between bursts; it does not make a burst faster
 # than a fixed pool of the maximum size, and each grow costs a fork.
 #
 # ## Try it

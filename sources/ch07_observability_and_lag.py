@@ -85,7 +85,7 @@ def work(seconds):
 # | figure | where it lives | read with |
 # |---|---|---|
 # | depth | the queue's Redis list **and its priority sub-lists** (chapter 3) | `LLEN` of each |
-# | in flight | messages workers took and have not acknowledged | `HLEN unacked` (= `inspect().reserved()` under early ack; `acks_late` adds running tasks, ETA tasks show in `scheduled()`) |
+# | in flight | messages delivered to workers and not acknowledged yet, for **every** queue of the broker | `HLEN unacked`: under early ack the workers' `reserved()` plus their held ETA tasks (`scheduled()`); `acks_late` adds running tasks; a dead worker's messages stay in it until kombu restores them (after the visibility timeout) |
 # | oldest age | the oldest waiting message, at the right end of the list | `LINDEX q -1` + a publish time |
 # | throughput | tasks finished per second | events, or the course's recording |
 # | workers up | workers answering a remote-control ping | `control.ping()` |
@@ -286,9 +286,12 @@ assert during and max(during) < 3, "the frozen worker never answered a ping"
 # ## Little's law on the measured series
 #
 # Over any window that starts and ends empty, **mean depth = arrival rate × mean wait** (Little's
-# law: the area under the depth curve is the sum of every message's time in the queue). So
-# lag ≈ depth / throughput, and the three figures must agree. Check it on the stall queue: depth
-# from the sampler, waits from the recording (publish to the moment a worker took the message).
+# law: the area under the depth curve is the sum of every message's time in the queue). So the
+# mean wait = mean depth / arrival rate: the *arrival* rate, not the throughput (in a stall the
+# throughput is 0 while messages keep arriving). This chapter's lag, the oldest message's age, is
+# another figure: the longest wait now, which the mean wait never exceeds. Check Little's law on
+# the stall queue: depth from the sampler, waits from the recording (publish to the moment a
+# worker took the message).
 #
 # One message needs care, and it is a lesson of its own. A worker waiting for work has a `BRPOP`
 # pending on Redis. Frozen, it still has one: Redis hands it the next message, which leaves the

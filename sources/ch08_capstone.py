@@ -71,8 +71,8 @@ def send_receipt(order_id, email):
 # %% [markdown]
 # ## The chaos run
 #
-# `capstone.chaos_run` boots the flow's workers (for `shop_v1`: one worker, `-Q celery -c 2`,
-# the defaults) and drives them through five phases. It measures everything from Redis and from
+# `capstone.chaos_run` boots the flow's workers (for `shop_v1`: one worker, `-Q celery -c 2`:
+# the default queue, and two children where Celery's default would be one per CPU) and drives them through five phases. It measures everything from Redis and from
 # Celery's own signals:
 #
 # | phase | what happens | chapter |
@@ -111,8 +111,13 @@ print("charged but not paid:", [o for o in oom_lost if report.charges.get(o)])
 
 # %% [markdown]
 # **Double charges.** `acks_late` did bring back the order whose *whole worker* died: its
-# message stayed in `unacked` and came back. It ran again, and the provider charged it again. A
-# message that can come back must be safe to run twice.
+# message stayed in `unacked`, and came back once it was older than the visibility timeout (an
+# hour by default). Kombu's restore sweep gives such messages back (`QoS.restore_visible`, which
+# a worker runs when it starts consuming and then about every 100 s by default:
+# `kombu/transport/redis.py`). The chaos run skips the hour: it sets the message's delivery time
+# in `unacked_index` to 0, then restarts the worker (`capstone.age_unacked`). The order ran
+# again, and the provider charged it again. A message that can come back must be safe to run
+# twice.
 
 # %%
 crashed = [o for o in report.crashed if o.startswith("crash")]

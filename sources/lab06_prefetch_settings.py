@@ -15,7 +15,8 @@
 # at most 115% of the default's**: short tasks must stop waiting, without making the batch
 # slower. The default is measured by the checker in the same run, side by side with yours: two
 # workers with `--prefetch-multiplier 4`, early ack, `-c 2`. Ratios, not seconds: a busy laptop
-# slows both alike. Budget: **at most 2 children per worker** (what the default has), two workers.
+# slows both alike. Budget: **at most 2 children per worker** (what the reference runs with;
+# Celery's own default concurrency is the number of CPUs), two workers.
 #
 # Your settings are a dict: `prefetch_multiplier` (a whole number, at least 1), `acks_late`
 # (`True` or `False`: which of the two tasks the checker sends), `concurrency` (children per

@@ -327,8 +327,9 @@ NOTE = """
   too: a crashed e-mail worker may send one twice; we accept that.)
 - worker_prefetch_multiplier=1: a busy worker reserves nothing more; waiting orders stay in the
   Redis list, where another worker can take them and the lag alert sees them.
-- visibility_timeout 3600 s (broker_transport_options): a dead worker's orders come back after
-  an hour; nothing we run lasts that long.
+- visibility_timeout 3600 s (broker_transport_options): a dead worker's orders come back once
+  they are an hour old (kombu's restore sweep, when a worker starts and about every 100 s); nothing we run
+  lasts that long. (The chaos run fast-forwards that hour.)
 - task_serializer, result_serializer, accept_content: JSON only.
 - result_expires one day. task_default_queue "checkout" and task_routes sending send_receipt to
   "email": slow e-mail never delays a checkout.
@@ -337,8 +338,10 @@ NOTE = """
 - A worker crash (SIGKILL, a lost machine): its orders come back; the charge uses the provider's
   idempotency key, so a second run does not charge again.
 - The OOM killer takes a pool process: the order is requeued and runs again, charged once. An
-  order that is OOM-killed every time would be requeued for ever (no bound): WorkerLostError in
-  the logs, and the lag alert, tell us.
+  order that is OOM-killed every time would be requeued for ever (no bound). The lag alert does
+  not see it (the requeued message is fetched again within milliseconds, so nothing gets old):
+  WorkerLostError in the logs and a count of attempts per order (a task_prerun receiver
+  incrementing a counter per task id, alerting above 3) tell us.
 - The payment provider is unavailable: retried with exponential backoff and full jitter (waits
   of 0-1, 0-2, 0-4 s, capped at 4 s), at most 3 times, then dead-lettered. A declined card is
   not retried.

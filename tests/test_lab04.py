@@ -95,6 +95,13 @@ return redis.call('HINCRBY', KEYS[2], ARGV[3], ARGV[1])
     "HINCRBY, then SET NX (undo if taken)": [(CREDIT, """db.hincrby("balances", account, amount_cents)
     if not db.set(f"payment:{payment_id}", 1, nx=True, ex=7 * 24 * 3600):
         db.hincrby("balances", account, -amount_cents)""")],
+    # the same in a plain pipeline: no transaction, so a crash can still fall between the two
+    "plain pipeline: HINCRBY, SET NX (undo if taken)": [(CREDIT, """pipe = db.pipeline(transaction=False)
+    pipe.hincrby("balances", account, amount_cents)
+    pipe.set(f"payment:{payment_id}", 1, nx=True, ex=7 * 24 * 3600)
+    _credited, fresh = pipe.execute()
+    if not fresh:
+        db.hincrby("balances", account, -amount_cents)""")],
     # idempotency keyed on the account: every payment so far went to an account of its own
     "keyed by account": [(CREDIT, CREDIT.replace("payment:{payment_id}", "credited:{account}"))],
     # a lock around check, credit and mark: a duplicate waits, but a crash between the credit
@@ -166,6 +173,8 @@ def lab04_module(variant: str) -> str:
     ("GET, then MULTI/EXEC of SET + HINCRBY", "acct-F holds 120.*both copies credited it"),
     ("SET NX, then HINCRBY", r"pay-H1 was lost.*write #1 \(SET\).*ran again and was not credited"),
     ("HINCRBY, then SET NX (undo if taken)",
+     r"acct-H1 holds 16000.*credited twice.*write #1 \(HINCRBY\)"),
+    ("plain pipeline: HINCRBY, SET NX (undo if taken)",
      r"acct-H1 holds 16000.*credited twice.*write #1 \(HINCRBY\)"),
     ("RPUSH audit, then SET NX, then HINCRBY",
      r"pay-H2 was lost.*write #2 \(SET\).*ran again and was not credited"),

@@ -29,6 +29,14 @@ def test_depth_and_oldest_age_count_every_priority_sub_list(stack):
     assert observe.oldest_age(r, "q", now) == pytest.approx(4)
 
 
+def test_oldest_age_sees_a_requeued_message_on_the_left_end(stack):
+    """reject(requeue=True) puts an old message back on the left (kombu restores it leftmost),
+    behind younger ones: reading only the right end would call the queue young."""
+    r, now = stack.redis, time.time()
+    r.lpush("q", envelope(now - 1), envelope(now - 0.5), envelope(now - 30))  # the last: requeued
+    assert observe.oldest_age(r, "q", now) == pytest.approx(30)
+
+
 def test_in_flight_groups_unacked_by_queue(stack):
     r = stack.redis
     for tag, queue in enumerate(["a", "a", "b"]):
