@@ -408,8 +408,10 @@ assert stored("early ack, multiplier 4 (default)") == 400 and stored("default + 
 # A queue stays short only if the workers can take work as fast as it arrives. **Little's law**:
 # the number of tasks in service on average = arrival rate × time in service. So for 50 calls a
 # second to a service that answers in 0.05 s, 50 × 0.05 = 2.5 children are busy on average: you
-# need at least **3**; with 2, the queue grows without bound. Predict, then measure: four workers with
-# `-c` 1, 2, 4, 8 each drain 10 × c waiting 0.05 s tasks (so each should take about 0.5 s).
+# need at least **3**. With 2, at most 2 / 0.05 = 40 tasks a second get done, so for as long as
+# 50 a second arrive, the queue grows by about 10 a second. Predict, then measure each `-c`'s
+# capacity (the most it can take): four workers with `-c` 1, 2, 4, 8 each drain 10 × c waiting
+# 0.05 s tasks (so each should take about 0.5 s).
 
 # %%
 SERVICE_S, ARRIVAL = 0.05, 50
@@ -429,6 +431,7 @@ plots.table([{"-c": c, "predicted tasks/s (c / service time)": c / SERVICE_S,
 
 # %%
 print(f"Little's law: {ARRIVAL}/s x {SERVICE_S} s = {needed:.1f} busy children needed on average")
+assert capacity[2] < ARRIVAL, "2 children cannot keep up with 50/s: the queue would grow"
 if capacity[1] >= 0.85 / SERVICE_S:  # one child keeps its pace: the machine is not the limit
     assert capacity[4] > 2.5 * capacity[1] and capacity[8] > 4 * capacity[1], capacity
     assert ARRIVAL <= capacity[4], "4 children keep up with 50/s (2 cannot: at most 2 / 0.05 = 40/s)"

@@ -228,7 +228,19 @@ def test_step2_accepts_the_solution(lab08, stack, capsys):
                    "class Lettered(app.Task):\n    def on_failure(self, exc, task_id, args, kwargs, einfo):\n"
                    "        dead_letter(self, task_id, exc, args, kwargs)\n\n\n"
                    "def dead_letter(sender=None, task_id=None, exception=None, args=None, kwargs=None, **_):")],
-                 "Task.on_failure", id="on-failure-dead-letters"),
+                 # the class is never given to the task: no letter at all, as the run shows
+                 "left no trace in `shop:dead`", id="on-failure-class-unused"),
+    pytest.param([("@signals.task_failure.connect\ndef dead_letter(sender=None, task_id=None, "
+                   "exception=None, args=None, kwargs=None, **_):",
+                   "# not task_failure: on_failure, given to the decorator\n"
+                   "def dead_letter(sender=None, task_id=None, exception=None, args=None, kwargs=None, **_):"),
+                  ("          retry_jitter=True, max_retries=3)\ndef place_order(order):",
+                   "          retry_jitter=True, max_retries=3,\n"
+                   "          on_failure=lambda self, exc, task_id, args, kwargs, einfo: "
+                   "dead_letter(self, task_id, exc, args, kwargs))\ndef place_order(order):")],
+                 "on_failure", id="on-failure-in-the-decorator"),
+    pytest.param([("retry_backoff=1, retry_backoff_max=4,", "retry_backoff=1,")],
+                 "no cap written out", id="no-cap"),
 ])
 def test_step2_static_rejections(lab08, stack, changes, hint):
     lab08(changes)

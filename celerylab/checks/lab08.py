@@ -232,9 +232,14 @@ def _check_policy(module) -> None:
             f"place_order retries on {covers[0].__name__} too: a declined card or a malformed "
             "order fails the same way every time; retrying only delays its dead letter. Retry "
             "what a later attempt can fix.")
-    if not task.retry_backoff:
+    if not getattr(task, "retry_backoff", False):
         raise LabCheckFailed("place_order retries at a fixed delay: a provider that is down gets "
                              "hit again and again at the same pace. Back off.")
+    if getattr(task, "retry_backoff_max", None) is None:
+        raise LabCheckFailed(
+            "place_order backs off with no cap written out: Celery then lets one wait grow to "
+            "600 s (its default, celery/app/autoretry.py), ten minutes a checkout waits between "
+            "two attempts. Write out the cap you mean.")
     if task.max_retries is None:
         raise LabCheckFailed("place_order retries forever (max_retries=None): an order whose "
                              "provider never recovers never reaches the dead letters.")
@@ -244,19 +249,22 @@ def _check_policy(module) -> None:
 
 def _check_dead_letter_source(module) -> None:
     """A dead-letter queue fed from ``Task.on_failure`` misses a task whose process was killed
-    (chapter 5); this chaos run requeues its killed processes, so it is read from the source."""
-    try:
-        tree = ast.parse(Path(module.__file__).read_text())
-    except (OSError, SyntaxError):
-        return
-    on_failure = any(isinstance(n, ast.ClassDef) and any(
-        isinstance(f, ast.FunctionDef) and f.name == "on_failure" for f in n.body)
-        for n in ast.walk(tree))
-    if on_failure and "task_failure" not in Path(module.__file__).read_text():
+    (chapter 5); this chaos run requeues its killed processes, so it is judged on what runs: the
+    task's own ``on_failure`` (a base class, or ``on_failure=`` in the decorator) and the
+    ``task_failure`` receivers this module connected, not on the file's text."""
+    from celery import Task, signals
+    task = module.place_order
+    if hasattr(task, "_get_current_object"):  # a PromiseProxy until the app is finalized
+        task = task._get_current_object()
+    own_on_failure = type(task).on_failure is not Task.on_failure
+    receivers = [r for r in signals.task_failure._live_receivers(task)
+                 if getattr(r, "__globals__", None) is vars(module)]
+    if own_on_failure and not receivers:
         raise LabCheckFailed(
-            "Your dead letters are written by Task.on_failure. Chapter 5 showed what it misses: "
-            "when the process running a task is killed, on_failure never runs (it runs in that "
-            "process), and the order fails with no letter. Who else hears about every failure?")
+            "Your dead letters are written by the task's on_failure. Chapter 5 showed what it "
+            "misses: when the process running a task is killed, on_failure never runs (it runs in "
+            "that process), and the order fails with no letter. Who else hears about every "
+            "failure?")
 
 
 def _check_routes(module) -> tuple[str, str]:
@@ -587,6 +595,18 @@ def check_lab08_note(note, stack) -> None:
 
 
 # --- the final check -------------------------------------------------------------------------
+_LAST: dict = {}
+
+
+def last_report():
+    """The chaos run the final check measured last in this kernel, passed or not (to plot)."""
+    from celerylab.errors import CourseError
+    if "report" not in _LAST:
+        raise CourseError("No chaos run to show yet: the final check's cell runs it. Run that "
+                          "cell, then this one.")
+    return _LAST["report"]
+
+
 @checker
 def check_lab08(watch, note, stack):
     """The final check: the chaos run replayed on your flow, every verdict at once. Returns the
@@ -598,6 +618,7 @@ def check_lab08(watch, note, stack):
         report = capstone.chaos_run(stack, FLOW, watch=watch)
     finally:
         capstone.stop_flow_workers(stack)
+    _LAST["report"] = report
     report.show()
     _check_validation(report)
     _check_orders(report)
