@@ -116,7 +116,8 @@ def test_every_compose_service_runs_natively_and_they_work_together(tmp_path):
         assert lab_env["CELERYLAB_JUPYTER_IP"] == "127.0.0.1"
         start("lab", command(services["lab"], ports), lab_env, "lab.log")
         url = wait("the lab service's ready URL", lambda: re.search(
-            r"The course is open:\s+(http://127\.0\.0\.1:\d+/lab\?token=\w+)", log("lab.log")),
+            r"The course is open:\s+(http://127\.0\.0\.1:\d+/lab/tree/\S+\?token=\w+)",
+            log("lab.log")),
             timeout=90).group(1)
         assert f":{ports['lab']}/" in url
 
