@@ -127,7 +127,8 @@ for _ in range(3):
     ch07_tasks.work.apply_async((1.0,), queue="held")
 inspect = stack.control.control.inspect(destination=[holder.hostname], timeout=1)
 stack.wait_until(lambda: inspect.active().get(holder.hostname), 10, "the first task to start")
-reserved = inspect.reserved()[holder.hostname]
+reserved = stack.wait_until(lambda: inspect.reserved().get(holder.hostname), 10,
+                            "the worker to reserve the next message")
 flying = observe.in_flight(r)
 print(f"active 1, reserved {len(reserved)}, unacked {r.hlen('unacked')}, by queue {flying},"
       f" still in Redis {observe.depth(r, 'held')}")
@@ -353,9 +354,18 @@ stack.stop_workers()  # the scenario's workers have done their job
 # %%
 swallow = stack.spawn_worker("ch07_tasks", name="swallow", queues=["swallow"], concurrency=1,
                              prefetch_multiplier=1)
-stack.wait_until(lambda: any(c.get("cmd") == "brpop" for c in r.client_list()), 10,
-                 "the worker's BRPOP")
-os.kill(swallow.pid, signal.SIGSTOP)
+
+
+def blocked():  # a client blocked in BRPOP right now (flag b): the worker's, the only one here
+    return any("b" in c.get("flags", "") and c.get("cmd") == "brpop" for c in r.client_list())
+
+
+for _ in range(5):  # kombu's BRPOP times out and is sent again: freeze the worker inside one
+    stack.wait_until(blocked, 10, "the worker's BRPOP")
+    os.kill(swallow.pid, signal.SIGSTOP)
+    if blocked():
+        break
+    os.kill(swallow.pid, signal.SIGCONT)  # it froze between two BRPOPs: let it send the next
 gone = ch07_tasks.work.apply_async((0,), queue="swallow").id
 stack.wait_until(lambda: r.llen("swallow") == 0, 5, "Redis to hand the message over")
 swallow.kill()
