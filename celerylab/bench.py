@@ -2,6 +2,8 @@
 
     ./course bench                 broker and worker readiness, stop time, memory
     ./course bench --notebooks     also each notebook's wall time (run one after another)
+    ./course bench --notebooks --hog 1
+                                   the same with a busy loop beside (a laptop doing other work)
     ./course bench --suite         also the whole test suite's wall time
     ./course bench --soak N [--hog K]
                                    the whole suite N times in a row, with K busy-loop processes
@@ -134,11 +136,19 @@ def soak(runs: int, hogs: int = 0, pytest_args=()) -> int:
     return 0 if all(results) else 1
 
 
-def main(notebooks: bool = False, suite: bool = False) -> int:
-    print(f"# celerylab figures  ({os.cpu_count()} cores, Python {sys.version.split()[0]})")
-    figures = stack_figures()
-    if notebooks:
-        figures.update(notebook_times())
+def main(notebooks: bool = False, suite: bool = False, hogs: int = 0) -> int:
+    print(f"# celerylab figures  ({os.cpu_count()} cores, Python {sys.version.split()[0]}"
+          f"{f', {hogs} busy loop(s) beside' if hogs else ''})")
+    from celerylab.reference import busy_loop
+    busy = [busy_loop() for _ in range(hogs)]  # a room's laptop: other work beside the course
+    try:
+        figures = stack_figures()
+        if notebooks:
+            figures.update(notebook_times())
+    finally:
+        for b in busy:
+            b.kill()
+            b.wait()
     if suite:
         t0 = time.monotonic()
         code = subprocess.call([sys.executable, "-m", "celerylab", "test", "-q"], cwd=ROOT,

@@ -378,7 +378,7 @@ def cmd_bench(args) -> int:
     from celerylab.bench import soak
     if args.soak:
         return soak(args.soak, args.hog)
-    return bench(args.notebooks, args.suite)
+    return bench(args.notebooks, args.suite, args.hog)
 
 
 def main(argv=None) -> int:
@@ -413,7 +413,8 @@ def main(argv=None) -> int:
     p.add_argument("--soak", type=int, metavar="N", default=0,
                    help="run the whole suite N times in a row; print pass/fail per run")
     p.add_argument("--hog", type=int, metavar="K", default=0,
-                   help="with --soak: K busy-loop processes beside the suite")
+                   help="K busy-loop processes beside the soak, or beside the figures and "
+                        "--notebooks (times as a busy laptop sees them)")
     p.set_defaults(fn=cmd_bench)
     args, rest = parser.parse_known_args(argv)
     if rest and args.fn is not cmd_test:
