@@ -210,6 +210,20 @@ def alert_returns_none(history):
         return True
 
 
+def alert_depth_held(history):
+    """Depth over 15 for 2.25 s: quiet for the burst, which drains sooner (seen passing the
+    live run twice)."""
+    since = None
+    for h in history:
+        since = (since or h["t"]) if h["depth"] > 15 else None
+    return since is not None and history[-1]["t"] - since >= 2.25
+
+
+def alert_age_no_hold(history):
+    """Over 1.1 s, no waiting period: quiet while a burst stays under it on this machine."""
+    return (history[-1]["oldest_age"] or 0) > 1.1
+
+
 def alert_single_reading_low(history):
     return (history[-1]["oldest_age"] or 0) > 0.7
 
@@ -266,8 +280,11 @@ def test_lab07_rejects_a_sampler_too_slow_for_a_burst(stack):
     (alert_too_lenient, "never fired for lab07-stall|fired for lab07-stall only"),
     (alert_twitchy, "fires for an ordinary burst|fired for lab07-(steady|burst)"),
     (alert_returns_none, r"lag_alert returned None"),
+    (alert_depth_held, r"fired for lab07-burst .*depth|busy but healthy queue"),
+    (alert_age_no_hold, r"fires for an ordinary burst|fired for lab07-(burst|steady)"),
 ], ids=["low-threshold-no-wait", "edge-triggered", "slow-to-clear", "depth-threshold",
-        "never-clears", "threshold-too-high", "no-waiting-period", "returns-none"])
+        "never-clears", "threshold-too-high", "no-waiting-period", "returns-none",
+        "depth-held", "age-1.1-no-hold"])
 def test_lab07_rejects_wrong_alerts(stack, alert, hint):
     with pytest.raises(LabCheckFailed, match=hint):
         run_check(SAMPLER, alert, stack)

@@ -283,6 +283,8 @@ def test_step3_accepts_the_solution(lab08, stack):
                  id="wrong-queue"),
     pytest.param({**WATCH, "queues": ["checkout"]}, "unwatched", id="unwatched-queue"),
     pytest.param({"queues": ["checkout", "email"], "alert": 1.5}, "WATCH must be", id="shape"),
+    pytest.param({**WATCH, "alert": {**WATCH["alert"], "above": 1.1, "for_seconds": 0}},
+                 "would page for an ordinary burst", id="age-1.1-no-hold"),
     pytest.param({**WATCH, "alert": {**WATCH["alert"], "above": 0.5, "for_seconds": 0}},
                  "would page for an ordinary burst", id="noisy"),
 ])

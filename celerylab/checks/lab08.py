@@ -476,13 +476,15 @@ def _check_watch(watch, module) -> dict:
     if unwatched:
         raise LabCheckFailed(f"WATCH leaves queues of the flow unwatched: {unwatched}. Every "
                              "queue the flow uses should have its depth and lag recorded.")
+    from celerylab.checks.lab07 import BURST_TRACE, TICK
     from celerylab.observe import LagAlert, Sample
-    rule, blip = LagAlert(above=above, for_seconds=hold), [0, .25, .5, .75, 1, .75, .5, .25, 0, 0]
-    if any(rule.check(Sample(i * 0.25, "q", 1, age, 0, 0)) for i, age in enumerate(blip)):
+    rule = LagAlert(above=above, for_seconds=hold)
+    if any(rule.check(Sample(i * TICK, "q", depth, age, 0, 0))
+           for i, (depth, age) in enumerate(BURST_TRACE)):
         raise LabCheckFailed(
-            f"This alert ({above:g} s for {hold:g} s) would page for an ordinary burst: in "
-            "chapter 7 a burst that drained by itself left its oldest message waiting up to about "
-            "1 s. Pages for traffic that fixes itself get muted; raise the threshold, or ask it to "
+            f"This alert ({above:g} s for {hold:g} s) would page for an ordinary burst: one that "
+            "drains by itself can leave its oldest message waiting up to 2 s (lab 7's table). "
+            "Pages for traffic that fixes itself get muted; raise the threshold, or ask it to "
             "hold for longer.")
     checkout = capstone.route_of(module, "place_order")
     if alert.get("queue") != checkout:
