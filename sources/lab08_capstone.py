@@ -281,8 +281,8 @@ check_lab08_contracts(stack)
 # it runs your flow, freezes the workers of the checkout queue for 4 s while orders keep coming,
 # then thaws them. The alert must stay quiet before, fire during the stall, and clear once the
 # queue has drained (in the final check, it must stay quiet through the burst too). It must not
-# page for an ordinary burst either: in chapter 7 one that drained by itself left its oldest
-# message waiting up to about 1 s; the check replays such a trace through your rule.
+# page for an ordinary burst either: one that drains by itself can leave its oldest message
+# waiting up to 2 s (lab 7's table); the check replays such a trace through your rule.
 
 # %%
 WATCH = {"queues": [], "alert": {"queue": None, "above": None, "for_seconds": None}}  # fill in
