@@ -18,7 +18,8 @@
 # Budget: **6 children or threads in all**, across at most 3 workers.
 #
 # A worker is a dict: `queues` (list), `concurrency`, optional `pool` (default `prefork`), `name`,
-# and `max_memory_per_child` (KiB, or `None`). Chapter 3 has everything you need.
+# `max_memory_per_child` (KiB, or `None`) and `max_tasks_per_child` (or `None`), each passed to
+# `celery worker` as its flag; any other key is refused. Chapter 3 has everything you need.
 #
 # > **How to run this lab.** "Run All" stops at the first place you are meant to write (a cell
 # > that raises `NotImplementedError`): that is expected. Write your answer there and run that

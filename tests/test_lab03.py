@@ -39,6 +39,15 @@ def test_lab03_checker_accepts_an_unusual_right_plan(stack, capsys):
     assert "Lab 3 passed" in capsys.readouterr().out
 
 
+def test_lab03_checker_accepts_a_fresh_child_per_task(stack, capsys):
+    """Celery's other recycling flag: --max-tasks-per-child 1 on the imports' worker."""
+    plan = _plan(SEPARATE, {"queues": ["fast"], "concurrency": 1},
+                 {"queues": ["slow"], "concurrency": 4},
+                 {"queues": ["bulky"], "concurrency": 1, "max_tasks_per_child": 1})
+    check_lab03(lambda: plan, stack)
+    assert "Lab 3 passed" in capsys.readouterr().out
+
+
 def test_lab03_checker_accepts_exchange_routes_and_default_names(stack, capsys):
     """Routes by exchange and routing key (Celery declares `-Q fast` with an exchange and a routing
     key of that name), and a learner's name that looks like a default one."""
@@ -62,7 +71,20 @@ def test_lab03_checker_accepts_exchange_routes_and_default_names(stack, capsys):
      "'celery', which no worker consumes"),
     (_plan(SEPARATE, {"queues": ["fast"], "concurrency": 1},
            {"queues": ["slow"], "concurrency": 4}, {"queues": ["bulky"], "concurrency": 1}),
-     "still alive"),
+     "Both imports of import_catalog ran in one child"),
+    # a cap above one import (150 MiB + a child's 50): the child is replaced after the second only
+    (_plan(SEPARATE, {"queues": ["fast"], "concurrency": 1},
+           {"queues": ["slow"], "concurrency": 4},
+           {"queues": ["bulky"], "concurrency": 1, "max_memory_per_child": 300 * 1024}),
+     "Both imports of import_catalog ran in one child"),
+    # two children, no cap: each import in a child of its own, both kept alive
+    (_plan(SEPARATE, {"queues": ["fast"], "concurrency": 1},
+           {"queues": ["slow"], "concurrency": 3}, {"queues": ["bulky"], "concurrency": 2}),
+     "still alive|ran in one child"),  # (both true of no recycling: which one shows, by chance)
+    # a setting the lab does not pass on must not be dropped silently
+    (_plan(SEPARATE, {"queues": ["fast"], "concurrency": 1}, {"queues": ["slow"], "concurrency": 4},
+           {"queues": ["bulky"], "concurrency": 1, "max_memory_per_child_kib": 100 * 1024}),
+     "'max_memory_per_child_kib', which this lab does not pass"),
     (_plan(SEPARATE, {"queues": ["fast"], "concurrency": 4},
            {"queues": ["slow"], "concurrency": 4}, {"queues": ["bulky"], "concurrency": 1}),
      "budget"),

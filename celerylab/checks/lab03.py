@@ -15,6 +15,10 @@ LAB03_TASKS = {"lookup": "celerylab.workloads.lookup",
 # the ratio holds on a busy machine. A good layout: ~1-3% of it; sharing a worker: ~100%.
 LAB03_TARGET_RATIO = 0.25
 LAB03_MAX_CONCURRENCY = 6  # children or threads in all, across the workers
+# what a worker dict may say (each is a `celery worker` flag); anything else is refused, not
+# silently dropped
+LAB03_KEYS = {"name", "queues", "concurrency", "pool", "max_memory_per_child",
+              "max_tasks_per_child"}
 
 
 def _lab03_layout(plan) -> tuple[dict, list[dict]]:
@@ -26,6 +30,12 @@ def _lab03_layout(plan) -> tuple[dict, list[dict]]:
     for spec in workers:
         if not isinstance(spec, dict) or {"queues", "concurrency"} - set(spec):
             raise LabCheckFailed(f"Each worker needs 'queues' and 'concurrency'; got {spec!r}.")
+        unknown = sorted(set(spec) - LAB03_KEYS)
+        if unknown:
+            raise LabCheckFailed(
+                f"A worker dict has {unknown[0]!r}, which this lab does not pass to the worker: "
+                f"it would be ignored, and your layout judged without it. The keys it knows: "
+                f"{', '.join(sorted(LAB03_KEYS))}.")
         queues = spec["queues"]
         if not isinstance(queues, (list, tuple)) or not queues or \
                 not all(isinstance(q, str) and q for q in queues):
@@ -41,6 +51,10 @@ def _lab03_layout(plan) -> tuple[dict, list[dict]]:
         if cap is not None and cap < 50 * 1024:
             raise LabCheckFailed("max_memory_per_child is in KiB and at least 51200 (50 MiB): a "
                                  "fresh child alone uses ~50 MiB.")
+        per = spec.get("max_tasks_per_child")
+        if per is not None and (isinstance(per, bool) or not isinstance(per, int) or per < 1):
+            raise LabCheckFailed(f"max_tasks_per_child is a whole number of tasks, at least 1; "
+                                 f"got {per!r}.")
     names = [spec.get("name") for spec in workers if spec.get("name")]
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
@@ -79,12 +93,13 @@ def run_lab03_workload(stack, routes, specs) -> dict:
     taken = {spec.get("name") for spec in specs}
     defaults = iter(n for n in (f"lab03-{i}" for i in range(100)) if n not in taken)
     for spec in specs:
-        cap = spec.get("max_memory_per_child")
+        cap, per = spec.get("max_memory_per_child"), spec.get("max_tasks_per_child")
         workers.append(stack.worker(
             "celerylab.workloads", name=spec.get("name") or next(defaults),
             queues=list(spec["queues"]), concurrency=int(spec["concurrency"]),
             pool=spec.get("pool", "prefork"), prefetch_multiplier=4,
-            extra_args=["--max-memory-per-child", str(cap)] if cap else []))
+            extra_args=(["--max-memory-per-child", str(cap)] if cap else [])
+            + (["--max-tasks-per-child", str(per)] if per else [])))
     stack.start_workers(*workers)
     try:
         slow = [app.send_task(LAB03_TASKS["slow"], (1.0,)).id for _ in range(6)]
@@ -95,8 +110,12 @@ def run_lab03_workload(stack, routes, specs) -> dict:
             time.sleep(0.03)
         done = {a.id: a for a in stack.wait_for(slow + hungry + lookups, timeout=60)}
         hungry_pids = {done[i].pid for i in hungry}
-        replaced = True
-        if any(spec.get("max_memory_per_child") for spec in specs):
+        # each import in a child of its own (no child ran two), and every one of them replaced
+        replaced = len(hungry_pids) == len(hungry)
+        if not replaced:
+            pass
+        elif any(spec.get("max_memory_per_child") or spec.get("max_tasks_per_child")
+                 for spec in specs):
             try:
                 stack.wait_until(lambda: not any(pid_alive(p) for p in hungry_pids), 10,
                                  "the hungry children")
@@ -167,8 +186,14 @@ def check_lab03(routing_plan, stack) -> None:
             "which keeps its 150 MiB for as long as the worker lives: nothing replaces a main "
             "process. Which pool gives the imports processes that can be replaced?")
     if not fig["hungry replaced"] and not shares_host:
+        pids = [a.pid for a in fig["hungry"]]
+        if len(set(pids)) < len(pids):
+            raise LabCheckFailed(
+                f"Both imports of import_catalog ran in one child (pid {pids[0]}): the second "
+                "started in a process still holding the first one's 150 MiB. Which setting "
+                "replaces a child after a task that left it too big, before it takes the next?")
         raise LabCheckFailed(
-            f"The children that ran import_catalog (pids {sorted({a.pid for a in fig['hungry']})}) "
+            f"The children that ran import_catalog (pids {sorted(set(pids))}) "
             "were still alive after it, each holding 150 MiB. Which worker setting replaces a "
             "child after a task that left it too big?")
     ratio = fig["p95"] / baseline["p95"]
