@@ -280,7 +280,10 @@ def test_lab07_rejects_a_sampler_too_slow_for_a_burst(stack):
     (alert_too_lenient, "never fired for lab07-stall|fired for lab07-stall only"),
     (alert_twitchy, "fires for an ordinary burst|fired for lab07-(steady|burst)"),
     (alert_returns_none, r"lag_alert returned None"),
-    (alert_depth_held, r"fired for lab07-burst .*depth|busy but healthy queue"),
+    # live, depth may page late for the stall, or not at all; replayed, it pages for a busy
+    # healthy queue: each is the same fault showing
+    (alert_depth_held, r"fired for lab07-burst .*depth|busy but healthy queue|"
+                       r"fired for lab07-stall only|never fired for lab07-stall"),
     (alert_age_no_hold, r"fires for an ordinary burst|fired for lab07-(burst|steady)"),
 ], ids=["low-threshold-no-wait", "edge-triggered", "slow-to-clear", "depth-threshold",
         "never-clears", "threshold-too-high", "no-waiting-period", "returns-none",
