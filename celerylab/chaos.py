@@ -6,12 +6,12 @@ argument of the Celery task that is running (a payment id, say):
 
     crash      SIGKILL the process right AFTER the job's k-th write command (or pipeline/
                transaction batch that writes), once: what the OOM killer can do between any two
-               writes. A Lua script is one command, and a MULTI/EXEC transaction reaches Redis
-               as one batch that runs without another client's commands in between, so neither
-               is split. (EXEC is not all-or-none: a command that fails inside it does not undo
-               the others; Redis has no rollback.) A plain pipeline (``transaction=False``) is
-               no unit: Redis runs its commands one by one, so it is split here, command by
-               command, like separate calls.
+               writes. A Lua script is one command, and a MULTI/EXEC transaction runs all its
+               queued commands or, if the client dies before EXEC, none, with no other client's
+               command in between, so neither is split. (It is no rollback: a command that fails
+               while EXEC runs does not undo the others.) A plain pipeline
+               (``transaction=False``) is no unit: Redis runs its commands one by one, so it is
+               split here, command by command, like separate calls.
     lockstep   every command the job sends waits until the other delivery of the same job has
                reached the same command: two duplicates that run side by side interleave
                command by command, so a check-then-write race shows every time, not by luck.

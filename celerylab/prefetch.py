@@ -192,8 +192,8 @@ def wait_steady(stack, probe, steady: float = 0.3, timeout: float = 10.0, what: 
 def raw_redis_rates(r, n: int = 2000, size: int = 400) -> dict:
     """The broker's own floor, measured: ``n`` LPUSH then ``n`` BRPOP of ``size``-byte values,
     one round trip each, on a key of their own. Kombu's Redis transport makes three per message
-    it delivers: the BRPOP, a pipelined ZADD+HSET into ``unacked``/``unacked_index`` on delivery,
-    and a pipelined ZREM+HDEL on ack (``kombu/transport/redis.py``: ``QoS.append``, ``QoS.ack``);
+    it delivers: the BRPOP, a ZADD+HSET transaction (MULTI/EXEC, one round trip) into
+    ``unacked``/``unacked_index`` on delivery, and a ZREM+HDEL one on ack (``kombu/transport/redis.py``: ``QoS.append``, ``QoS.ack``);
     the raw BRPOP rate is an upper bound, not kombu's rate."""
     key = "celerylab:raw-ops"
     r.delete(key)

@@ -222,7 +222,7 @@ assert not received and left == 15, "the capped worker fetches nothing until an 
 # `qos.decrement_eventually()`, `celery/worker/consumer/consumer.py`; kombu keeps it at 1 or
 # more). Once the ETA volume reaches the cap, the increments it dropped are never given back:
 # after those tasks have run, the worker holds a smaller window than it started with, and keeps
-# it. Fresh workers, twelve tasks due in 2 s to each:
+# it until it restarts or reconnects to the broker (which rebuilds the QoS at its initial count). Fresh workers, twelve tasks due in 2 s to each:
 
 # %%
 stack.stop_workers()  # the held ETA messages go back to their queues (kombu recreates the lists)
@@ -252,8 +252,9 @@ stack.stop_workers()
 
 # %% [markdown]
 # A capped worker whose ETA volume reached the cap now fetches one message at a time: with
-# `acks_late` it also *runs* at most one task at a time, whatever its concurrency (the prefetch
-# count bounds unacknowledged messages, running ones included). So use `worker_eta_task_limit`
+# `acks_late` it also *runs* its plain (non-ETA) tasks one at a time, whatever its concurrency
+# (the prefetch count bounds unacknowledged messages, running ones included), until it restarts
+# or reconnects. So use `worker_eta_task_limit`
 # only as a memory guard for a worker whose ETA volume should never reach it (set it well above
 # concurrency × multiplier plus the ETA tasks you expect), watch for it being reached, and restart
 # a worker that did. The other lever: countdowns and retries on **their own queue, consumed by
@@ -346,8 +347,9 @@ one.stop()
 # worker below (`-c 2`) finds 400 messages waiting at once (published to a side list, then
 # `RENAME`d into its queue), and we time it draining them. In the same cell, raw `LPUSH` and
 # `BRPOP` on the same Redis: the floor a broker round trip sets. (Kombu's Redis transport makes
-# three round trips per message: the `BRPOP`, a pipelined `ZADD`+`HSET` into `unacked_index` and
-# `unacked` on delivery, a pipelined `ZREM`+`HDEL` on ack: `QoS.append` and `QoS.ack` in
+# three round trips per message: the `BRPOP`, a `ZADD`+`HSET` transaction (MULTI/EXEC, one round
+# trip) into `unacked_index` and `unacked` on delivery, a `ZREM`+`HDEL` one on ack: `QoS.append`
+# and `QoS.ack` in
 # `kombu/transport/redis.py`. Prefetch can hide only the first: the fetch.)
 
 # %%
@@ -476,9 +478,10 @@ assert pool[-1][0] > finished, "it shrank only after the burst was done"
 
 # %% [markdown]
 # The pool grew to its maximum as the burst arrived and went back to one child one to two
-# keepalives after the last task: the autoscaler checks on a timer, every keepalive seconds
-# (`hub.call_repeatedly(keepalive, maybe_scale)`, `celery/worker/autoscale.py`), and shrinks
-# only when it last grew or received a task more than a keepalive before that check. Autoscaling
+# keepalives after it last received a task, and not before its tasks were done: the autoscaler
+# checks on a timer, every keepalive seconds (`hub.call_repeatedly(keepalive, maybe_scale)`,
+# `celery/worker/autoscale.py`), and shrinks only when fewer tasks are held than processes and it
+# last grew or received a task more than a keepalive before that check. Autoscaling
 # saves memory between bursts; it does not make a burst faster
 # than a fixed pool of the maximum size, and each grow costs a fork.
 #

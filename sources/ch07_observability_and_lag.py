@@ -297,8 +297,9 @@ assert during and max(during) < 3, "the frozen worker never answered a ping"
 # worker took the message).
 #
 # One message needs care, and it is a lesson of its own. A worker waiting for work has a `BRPOP`
-# pending on Redis. Frozen, it still has one: Redis hands it the next message, which leaves the
-# list, yet the frozen process cannot record it anywhere (not even in `unacked`). That message
+# pending on Redis (kombu sends it again every second). Frozen, it still has one for up to that
+# second: Redis hands it a message that arrives then, which leaves the list, yet the frozen
+# process cannot record it anywhere (not even in `unacked`). That message
 # sits in a socket buffer until the process resumes; had the worker been killed instead of
 # resumed, it would simply be gone. Its time in the list was nil, though it was recorded as
 # received only at the thaw.
@@ -360,14 +361,22 @@ def blocked():  # a client blocked in BRPOP right now (flag b): the worker's, th
     return any("b" in c.get("flags", "") and c.get("cmd") == "brpop" for c in r.client_list())
 
 
-for _ in range(5):  # kombu's BRPOP times out and is sent again: freeze the worker inside one
+# kombu's BRPOP times out after 1 s and is sent again (`brpop_timeout`): freeze the worker
+# inside one, and publish before it times out; when the timing misses, try again
+for _ in range(5):
     stack.wait_until(blocked, 10, "the worker's BRPOP")
     os.kill(swallow.pid, signal.SIGSTOP)
-    if blocked():
+    if not blocked():  # it froze between two BRPOPs: let it send the next
+        os.kill(swallow.pid, signal.SIGCONT)
+        continue
+    gone = ch07_tasks.work.apply_async((0,), queue="swallow").id
+    time.sleep(0.1)
+    if r.llen("swallow") == 0:  # handed to the frozen worker's pending BRPOP
         break
-    os.kill(swallow.pid, signal.SIGCONT)  # it froze between two BRPOPs: let it send the next
-gone = ch07_tasks.work.apply_async((0,), queue="swallow").id
-stack.wait_until(lambda: r.llen("swallow") == 0, 5, "Redis to hand the message over")
+    r.delete("swallow")  # its BRPOP had just timed out: nobody took this one
+    os.kill(swallow.pid, signal.SIGCONT)
+else:
+    raise AssertionError("could not freeze the worker inside a BRPOP in 5 tries")
 swallow.kill()
 found = {"LLEN swallow": r.llen("swallow"),
          "in unacked": sum(gone in raw.decode() for raw in r.hvals("unacked")),

@@ -111,8 +111,8 @@ print("charged but not paid:", [o for o in oom_lost if report.charges.get(o)])
 
 # %% [markdown]
 # **Double charges.** `acks_late` did bring back the order whose *whole worker* died: its
-# message stayed in `unacked`, and came back once it was older than the visibility timeout (an
-# hour by default). Kombu's restore sweep gives such messages back (`QoS.restore_visible`, which
+# message stayed in `unacked`, and came back once it had been unacknowledged longer than the
+# visibility timeout (an hour by default, counted from its delivery to the dead worker). Kombu's restore sweep gives such messages back (`QoS.restore_visible`, which
 # a worker runs when it starts consuming and then about every 100 s by default:
 # `kombu/transport/redis.py`). The chaos run skips the hour: it sets the message's delivery time
 # in `unacked_index` to 0, then restarts the worker (`capstone.age_unacked`). The order ran

@@ -22,9 +22,9 @@
 #    yours makes, then runs that many other payments, each killed right after a different write
 #    (the first, the second, ...; up to the sixth). It does it through `db`, the Redis client the
 #    module gets from the course (it is a `redis.Redis` in every other respect), so write through
-#    `db`. A Lua script is one command, and a MULTI/EXEC transaction reaches Redis as one batch
-#    that no other client's command interleaves, so neither is split (but EXEC does not undo a
-#    command that fails inside it: Redis has no rollback). A plain pipeline
+#    `db`. A Lua script is one command, and a MULTI/EXEC transaction runs all its queued
+#    commands or, if the process dies before EXEC, none, so neither is split (it is no rollback,
+#    though: a command that fails while EXEC runs does not undo the others). A plain pipeline
 #    (`transaction=False`) is no unit: Redis runs its commands one by one, and so does the checker;
 # 4. it delivers **one payment twice at the same moment** to two processes, and runs the two
 #    copies **in lockstep**: each Redis command one copy sends through `db` waits until the other

@@ -328,9 +328,10 @@ NOTE = """
   too: a crashed e-mail worker may send one twice; we accept that.)
 - worker_prefetch_multiplier=1: a busy worker reserves nothing more; waiting orders stay in the
   Redis list, where another worker can take them and the lag alert sees them.
-- visibility_timeout 3600 s (broker_transport_options): a dead worker's orders come back once
-  they are an hour old (kombu's restore sweep, when a worker starts and about every 100 s); nothing we run
-  lasts that long. (The chaos run fast-forwards that hour.)
+- visibility_timeout 3600 s (broker_transport_options): a dead worker's orders come back at the
+  next restore sweep (at worker start, then about every 100 s) once they have gone an hour
+  unacknowledged, counted from their delivery to the dead worker; nothing we run lasts that
+  long. (The chaos run fast-forwards that hour.)
 - task_serializer, result_serializer, accept_content: JSON only.
 - result_expires one day. task_default_queue "checkout" and task_routes sending send_receipt to
   "email": slow e-mail never delays a checkout.
