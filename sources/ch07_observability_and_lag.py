@@ -438,8 +438,11 @@ for i in ids:
 plots.table(rows)
 
 # %%
-recorded = {a.id: a.runtime for a in stack.records(ids)}  # the child's own signals (recording)
-assert all(abs(state.tasks[i].runtime - recorded[i]) < 0.05 for i in ids), \
+# the child's own signals (the recording, prerun to postrun) against the runtime the events
+# carry (Celery's tracer: its own clock around the call and the result's store): two clocks of
+# one run, a little apart either way, never by a task's length
+recorded = {a.id: a.runtime for a in stack.records(ids)}
+assert all(abs(recorded[i] - state.tasks[i].runtime) < 0.1 for i in ids), \
     "the events' runtime agrees with what the pool child itself recorded"
 held = rows[1:5]  # taken at once with the first: they waited in the worker, not in Redis
 assert all(row["prefetch time (started - received)"] > row["broker wait (received - sent)"]
@@ -470,7 +473,7 @@ print("Flower's runtime of the first task:", flower_tasks[ids[0]]["runtime"],
 
 # %%
 assert set(ids) <= set(flower_tasks) and all(flower_tasks[i]["state"] == "SUCCESS" for i in ids)
-assert all(abs(flower_tasks[i]["runtime"] - recorded[i]) < 0.05 for i in ids), \
+assert all(abs(recorded[i] - flower_tasks[i]["runtime"]) < 0.1 for i in ids), \
     "Flower's runtimes agree with the pool child's own recording"
 assert [flower_tasks[i]["worker"] for i in ids] == [events_w.hostname] * 6
 assert lengths["parked"] == observe.depth(r, "parked") == 5, "Flower counts the sub-lists too"
