@@ -112,16 +112,15 @@ def run_lab03_workload(stack, routes, specs) -> dict:
         hungry_pids = {done[i].pid for i in hungry}
         # each import in a child of its own (no child ran two), and every one of them replaced
         replaced = len(hungry_pids) == len(hungry)
-        if not replaced:
-            pass
-        elif any(spec.get("max_memory_per_child") or spec.get("max_tasks_per_child")
-                 for spec in specs):
+        recycles = any(spec.get("max_memory_per_child") or spec.get("max_tasks_per_child")
+                       for spec in specs)
+        if replaced and recycles:  # a child is replaced just after its task: wait for it
             try:
                 stack.wait_until(lambda: not any(pid_alive(p) for p in hungry_pids), 10,
                                  "the hungry children")
             except CourseError:
                 replaced = False
-        else:
+        elif replaced:
             replaced = not any(pid_alive(p) for p in hungry_pids)
     finally:
         stack.stop_workers()
