@@ -18,7 +18,9 @@ What it does to the learner's ``apply_payment`` (a real worker, 4 pool processes
            last bank call by then; at most ``MAX_CRASHES`` are tried, and the pass line says so
            when there were more), each on its own payment and account, all at once: any two
            writes that must go together are caught, whichever they are (lost, or credited twice
-           after the redelivery)
+           after the redelivery); and the redelivered run, a duplicate now, is killed again right
+           after ITS write #k (a duplicate's own writes, such as a refund after a mark already
+           taken, must not be split either), then delivered a third time
 
 and it watches the answer's keys: a payment's memory must outlive a redelivery (more than an hour
 left when the check runs). Everything after the restart runs at once, and the verdicts come in the
@@ -314,6 +316,7 @@ def check_lab04(stack) -> None:
         e1, c = pay("E"), pay("C")
         for label in crash_labels:
             pay(label)
+        dup_armed: set[str] = set()
         deadline = time.monotonic() + SETTLE
         while True:
             runs = runs_now()
@@ -323,10 +326,15 @@ def check_lab04(stack) -> None:
                 if started and not started[0].finished:
                     worker.kill_child(started[0].pid)  # mid-authorize, like the OOM killer
                     killed["G"] = _Killed(started[0].pid, not chaos.log(r, "pay-G"))
+            fired: dict[str, list] = {}
             for crash in chaos.crashes(r):
-                label = crash["job"].removeprefix("pay-")
-                if label not in killed:
-                    killed[label] = _Killed(crash["pid"])
+                fired.setdefault(crash["job"].removeprefix("pay-"), []).append(crash)
+            for label, crashes in fired.items():
+                if label not in dup_armed:  # the redelivery: killed after its own write #k
+                    dup_armed.add(label)
+                    chaos.arm_crash(r, f"pay-{label}", after=crashes[0]["write"] + int(label[1:]))
+                if label not in killed or killed[label].pid != crashes[-1]["pid"]:
+                    killed[label] = _Killed(crashes[-1]["pid"])  # the latest death counts
             if len(sent["E"]) == 1 and runs.succeeded(e1.id):
                 pay("E")  # the client retries: the same payment id, a new message
             if "D" not in sent and runs.succeeded(c.id):
@@ -448,8 +456,12 @@ def check_lab04(stack) -> None:
             continue  # this payment made fewer writes than pay-A: nothing to crash after
         after = " + ".join(c.upper() for c in crash[0]["after"])
         k = crash[0].get("write", k)
-        where = (f"the checker killed its process right after its write #{k} ({after}), as the "
-                 "OOM killer could between any two writes")
+        where = f"the checker killed its process right after its write #{k} ({after})"
+        if len(crash) > 1:  # its redelivery, a duplicate, was killed too
+            again = " + ".join(c.upper() for c in crash[1]["after"])
+            where += (f", then the process running its redelivery (a duplicate now) right after "
+                      f"that run's write #{crash[1]['write'] - crash[0]['write']} ({again})")
+        where += ", as the OOM killer could between any two writes"
         tried.append(f"#{k} ({after})")
         runs_h = len(runs.started(sent[label][0].id))
         if held(label) == 0 and runs_h < 2:
@@ -460,12 +472,14 @@ def check_lab04(stack) -> None:
                 f"{job} was lost: {where}. {job} ran again and was not credited: what the "
                 f"first run wrote made the second run believe {job} was already applied. What "
                 f"does your code leave behind when it dies between two of its writes? {yours}")
-        if held(label) == 2 * want:
+        if held(label) > want and held(label) % want == 0:  # credited 2, 3 ... times
+            times = {2: "twice"}.get(held(label) // want, f"{held(label) // want} times")
             raise LabCheckFailed(
-                f"acct-{label} holds {held(label)}, expected {want}: {job} was credited twice. "
-                f"{where[0].upper()}{where[1:]}; {job} ran again and was credited again: what the "
-                "first run wrote did not let the second run recognise the payment. What does "
-                f"your code leave behind when it dies between two of its writes? {yours}")
+                f"acct-{label} holds {held(label)}, expected {want}: {job} was credited {times}. "
+                f"{where[0].upper()}{where[1:]}; {job} ran again and was credited again: what a "
+                "killed run wrote did not let the next run recognise the payment, or undo what it "
+                "did. What does your code leave behind when it dies between two of its writes, "
+                f"in a first run and in a duplicate's? {yours}")
         if wrong(label):
             raise LabCheckFailed(
                 f"acct-{label} holds {held(label)}, expected {want}: {where[0].upper()}"
