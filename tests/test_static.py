@@ -166,3 +166,28 @@ def test_readme_gives_the_two_commands_and_ci_runs_the_test_one():
     assert "./course open" in readme and "./course test" in readme
     ci = (ROOT / ".ci" / "run").read_text()
     assert re.search(r"^\./course test\b", ci, re.M) or re.search(r"exec \./course test", ci)
+
+
+def test_ci_install_part_reaches_the_test_command_on_a_fresh_root_machine(tmp_path):
+    """.ci/run under `set -euo pipefail`, as root with none of its optional tools and no
+    Prometheus running (pgrep finds nothing and exits 1): every install step is tried and the
+    script still reaches its last line (apt-get and id are stand-ins; nothing is installed)."""
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    for tool in ("bash", "pgrep", "tr", "dirname", "rm", "chmod", "timeout", "cat"):
+        (bin_ / tool).symlink_to(shutil.which(tool))
+    for name, body in {"id": "echo 0", "apt-get": 'echo "apt-get $*" >> "$APT_LOG"'}.items():
+        (bin_ / name).write_text(f"#!{shutil.which('bash')}\n{body}\n")
+        (bin_ / name).chmod(0o755)
+    script = (ROOT / ".ci" / "run").read_text()
+    script = script.replace("/usr/sbin/policy-rc.d", str(tmp_path / "policy-rc.d"))
+    script = re.sub(r"^exec \./course test$", "echo REACHED-THE-TEST-COMMAND", script, flags=re.M)
+    (tmp_path / "run").write_text(script)
+    done = subprocess.run([str(bin_ / "bash"), str(tmp_path / "run")], capture_output=True,
+                          text=True, timeout=60,
+                          env={"PATH": str(bin_), "APT_LOG": str(tmp_path / "apt.log")})
+    assert done.returncode == 0 and "REACHED-THE-TEST-COMMAND" in done.stdout, done.stderr
+    installs = (tmp_path / "apt.log").read_text()
+    for package in ("docker-compose", "prometheus", "chromium"):
+        assert "install -y -qq" in installs and package in installs, installs
+    assert not (tmp_path / "policy-rc.d").exists(), "its own policy-rc.d is removed afterwards"
