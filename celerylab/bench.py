@@ -8,6 +8,9 @@
     ./course bench --soak N [--hog K]
                                    the whole suite N times in a row, with K busy-loop processes
                                    beside it: pass/fail per run and the failing tests
+    ./course bench --record-burst  record an ordinary burst's (depth, oldest age) readings into
+                                   celerylab/monitoring/burst-trace.json (labs 7 and 8 replay it,
+                                   the alert rules' unit test feeds it to promtool)
 """
 
 from __future__ import annotations
@@ -94,6 +97,68 @@ def notebook_times() -> dict:
                            resources={"metadata": {"path": str(nb_path.parent)}}).execute()
             times[f"{d}/{nb_path.name}, s"] = time.monotonic() - t0
     return times
+
+
+BURST_TRACE = ROOT / "celerylab" / "monitoring" / "burst-trace.json"
+
+
+def record_burst(messages: int = 150, tick: float = 0.25, out: Path = BURST_TRACE) -> dict:
+    """An ordinary burst, live: a four-child worker (prefetch 1) on a queue of its own, paused
+    while ``messages`` 50 ms tasks are published (so they arrive at once, as in chapter 7), then
+    left to drain; depth and oldest age are read every ``tick`` until the queue is empty and
+    nothing is held. With 80 tasks a second of capacity, 150 leave the oldest waiting about 1.75
+    s (1.5 to 2 s on a busy machine): what lab 7's text calls an ordinary burst."""
+    import json
+    import platform
+    import signal
+
+    import celerylab
+    from celerylab import observe
+    stack = celerylab.start("burst-trace")
+    try:
+        worker = stack.worker("celerylab.workloads", name="burst", queues=["burst"],
+                              concurrency=4, prefetch_multiplier=1).start()
+        readings = []
+
+        def read():
+            readings.append((observe.depth(stack.redis, "burst"),
+                             observe.oldest_age(stack.redis, "burst")))
+
+        next_at = time.monotonic()
+
+        def tick_wait():
+            nonlocal next_at
+            next_at += tick
+            time.sleep(max(0.0, next_at - time.monotonic()))
+
+        read()
+        tick_wait()
+        os.killpg(worker.pid, signal.SIGSTOP)
+        try:
+            for _ in range(messages):
+                stack.control.send_task("celerylab.workloads.wait_io", (0.05,), queue="burst")
+        finally:
+            os.killpg(worker.pid, signal.SIGCONT)
+        while True:  # one reading every tick (the publishing above took the first tick or two)
+            read()
+            if readings[-1][0] == 0 and not observe.in_flight(stack.redis).get("burst"):
+                break
+            tick_wait()
+        read()
+    finally:
+        stack.stop()
+    trace = {"recorded": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+             "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores, "
+                        f"load {os.getloadavg()[0]:.2f}, Python {platform.python_version()}",
+             "how": f"./course bench --record-burst: {messages} tasks of 50 ms published at once "
+                    "to a -c 4 worker (prefetch 1), read every tick",
+             "tick_seconds": tick,
+             "readings": [[d, None if a is None else round(a, 3)] for d, a in readings]}
+    out.write_text(json.dumps(trace, indent=1) + "\n")
+    peak = max(a for _, a in readings if a is not None)
+    print(f"recorded {len(readings)} readings into {out}: peak depth "
+          f"{max(d for d, _ in readings)}, oldest age peak {peak:.2f} s")
+    return trace
 
 
 def soak(runs: int, hogs: int = 0, pytest_args=()) -> int:

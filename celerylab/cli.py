@@ -186,6 +186,10 @@ def cmd_test(args) -> int:
     if not any(a.startswith("--durations") for a in extra):
         extra = ["--durations=15", *extra]  # the slowest items; conftest.py adds each file's total
     paths = [a for a in extra if Path(a.split("::")[0]).exists()]  # ./course test tests/x.py
+    if not paths and not any(a.startswith("--junitxml") for a in extra):
+        from celerylab.observe import results_file  # the whole suite's outcomes, for chapter 7
+        results_file().parent.mkdir(parents=True, exist_ok=True)
+        extra = [f"--junitxml={results_file()}", *extra]
     code = pytest.main([*(paths or [str(ROOT / d) for d in ("tests", "notebooks", "solutions")]),
                         "--nbval", "--nbval-current-env", "--nbval-cell-timeout=120", *extra])
     left = course_processes()
@@ -378,6 +382,10 @@ def cmd_bench(args) -> int:
     from celerylab.bench import soak
     if args.soak:
         return soak(args.soak, args.hog)
+    if args.record_burst:
+        from celerylab.bench import record_burst
+        record_burst()
+        return 0
     return bench(args.notebooks, args.suite, args.hog)
 
 
@@ -412,6 +420,9 @@ def main(argv=None) -> int:
     p.add_argument("--suite", action="store_true", help="also time the whole test suite")
     p.add_argument("--soak", type=int, metavar="N", default=0,
                    help="run the whole suite N times in a row; print pass/fail per run")
+    p.add_argument("--record-burst", action="store_true",
+                   help="record an ordinary burst's readings for labs 7 and 8 and the rules' "
+                        "unit test (celerylab/monitoring/burst-trace.json)")
     p.add_argument("--hog", type=int, metavar="K", default=0,
                    help="K busy-loop processes beside the soak, or beside the figures and "
                         "--notebooks (times as a busy laptop sees them)")

@@ -5,7 +5,10 @@ Celery's signals), never computed from a model:
 
     depth        LLEN of the queue's list plus its priority sub-lists (``q\\x06\\x16<step>``)
     in flight    messages a worker took and has not acknowledged (the ``unacked`` hash)
-    oldest age   now minus the publish stamp of the oldest waiting message (``LINDEX q -1``)
+    oldest age   now minus the publish stamp of the oldest waiting message (``LINDEX`` of both
+                 ends of each list)
+    held age     now minus the delivery time of the oldest message a worker holds unacknowledged
+                 (kombu's ``unacked_index``), or its ETA when later
     done         tasks finished so far (the recording's ``finished`` events), for throughput
     workers up   workers answering a ping within a short timeout
 
@@ -27,6 +30,7 @@ import time
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 from celerylab.broker import free_port
@@ -53,6 +57,27 @@ def depth(r, queue: str) -> int:
     return sum(pipe.execute())
 
 
+def _ends(r, queue: str) -> dict[str, float | None]:
+    """The messages at both ends of each of the queue's lists (where the oldest can be), by
+    delivery tag: the publish stamp of each, or None for a message without one."""
+    pipe = r.pipeline(transaction=False)
+    for name in queue_lists(queue):
+        pipe.lindex(name, -1)
+        pipe.lindex(name, 0)
+    found: dict[str, float | None] = {}
+    for raw in pipe.execute():
+        if raw is None:
+            continue
+        try:
+            message = json.loads(raw)
+            stamp = message.get("headers", {}).get(SENT_HEADER)
+            tag = str(message.get("properties", {}).get("delivery_tag") or hash(raw))
+        except (ValueError, AttributeError):
+            continue
+        found[tag] = None if stamp is None else float(stamp)
+    return found
+
+
 def oldest_age(r, queue: str, now: float | None = None) -> float | None:
     """Seconds the oldest waiting message has waited (None when the queue is empty).
 
@@ -64,17 +89,34 @@ def oldest_age(r, queue: str, now: float | None = None) -> float | None:
     several rejects is still missed: reading every message costs O(depth)). The oldest of the
     queue is the oldest of its lists. Celery's message has no publish time: the age comes from
     the ``celerylab_sent_at`` header the course's recorder stamps on every message."""
-    pipe = r.pipeline(transaction=False)
-    for name in queue_lists(queue):
-        pipe.lindex(name, -1)
-        pipe.lindex(name, 0)
-    stamps = []
-    for raw in pipe.execute():
-        if raw is not None:
-            stamp = json.loads(raw).get("headers", {}).get(SENT_HEADER)
-            if stamp is not None:
-                stamps.append(float(stamp))
+    stamps = [stamp for stamp in _ends(r, queue).values() if stamp is not None]
     return None if not stamps else (now or time.time()) - min(stamps)
+
+
+def held_ages(r, now: float | None = None, limit: int = 1000) -> dict[str, float]:
+    """Per routing key, how long the oldest message a worker holds unacknowledged has been held.
+
+    Kombu scores each delivery in the ``unacked_index`` sorted set with its time and keeps the
+    message in the ``unacked`` hash (``QoS.append``, ``kombu/transport/redis.py``): reserved,
+    prefetched and ETA messages under early ack, running tasks too under ``acks_late``. A frozen
+    worker's messages stay there, invisible to depth and to the waiting age. A message with an
+    ETA counts from its ETA (held on purpose until then). The ``limit`` oldest deliveries are
+    read."""
+    now = now or time.time()
+    scored = r.zrange("unacked_index", 0, limit - 1, withscores=True)
+    if not scored:
+        return {}
+    ages: dict[str, float] = {}
+    for (_tag, delivered), raw in zip(scored, r.hmget("unacked", [t for t, _ in scored]),
+                                      strict=True):
+        try:
+            message, _exchange, routing_key = json.loads(raw)
+            eta = (message.get("headers") or {}).get("eta")
+            since = max(delivered, datetime.fromisoformat(eta).timestamp()) if eta else delivered
+        except (TypeError, ValueError, AttributeError):  # acked meanwhile, or not kombu's
+            continue
+        ages[routing_key] = max(ages.get(routing_key, 0.0), now - since)
+    return ages
 
 
 def in_flight(r) -> dict[str, int]:
@@ -311,7 +353,14 @@ def promtool_check(rules: Path = RULES_FILE) -> str | None:
 
 
 class Exporter:
-    """The sampler's figures as Prometheus metrics, computed at each scrape (loopback only)."""
+    """The sampler's figures as Prometheus metrics, computed at each scrape (loopback only).
+
+    Right for a team on Celery's defaults, not only for the course's settings: the ages of
+    messages a worker holds (a frozen worker prefetches up to concurrency x multiplier, 4 each by
+    default, and its queue looks empty), and messages without the publish stamp (a producer that
+    does not load the stamping signal) counted, and aged from the first scrape that saw them: a
+    lower bound that still grows. When Redis does not answer, the scrape fails, so Prometheus's
+    own ``up`` series goes to 0 and the rules' exporter-down alert can fire."""
 
     def __init__(self, r, queues, port: int = 0) -> None:
         from prometheus_client import CollectorRegistry, Histogram
@@ -324,6 +373,15 @@ class Exporter:
                                  buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
         self.registry.register(self)
         self.server = self.thread = None
+        self.first_seen: dict[str, float] = {}  # unstamped messages: delivery tag -> first scrape
+
+    def _waiting(self, ends: dict, now: float) -> tuple[float, int]:
+        """(oldest waiting age, unstamped messages) of one queue's list ends."""
+        unstamped = [tag for tag, stamp in ends.items() if stamp is None]
+        for tag in unstamped:
+            self.first_seen.setdefault(tag, now)
+        since = [s for s in ends.values() if s is not None] + [self.first_seen[t] for t in unstamped]
+        return (now - min(since) if since else 0.0), len(unstamped)
 
     def collect(self):
         from prometheus_client.core import GaugeMetricFamily
@@ -332,14 +390,23 @@ class Exporter:
         for queue, seconds in self.counter.runtimes[seen:]:
             self.runtime.labels(queue).observe(seconds)
         now = time.time()
-        flying = in_flight(self.r)
+        flying, held = in_flight(self.r), held_ages(self.r, now)
+        ends = {q: _ends(self.r, q) for q in self.queues}
+        waiting = {q: self._waiting(ends[q], now) for q in self.queues}
+        self.first_seen = {t: at for t, at in self.first_seen.items()  # gone: forgotten
+                           if any(t in e for e in ends.values())}
         gauges = {
             "celerylab_queue_depth": ("Messages waiting (all priority sub-lists)",
                                       lambda q: depth(self.r, q)),
-            "celerylab_queue_oldest_age_seconds": ("Age of the oldest waiting message",
-                                                   lambda q: oldest_age(self.r, q, now) or 0.0),
+            "celerylab_queue_oldest_age_seconds": ("Age of the oldest waiting message (unstamped: "
+                                                   "since first scraped)", lambda q: waiting[q][0]),
+            "celerylab_queue_unstamped_messages": ("Waiting messages read without a publish stamp",
+                                                   lambda q: waiting[q][1]),
             "celerylab_queue_in_flight": ("Taken by a worker, not yet acknowledged",
                                           lambda q: flying.get(q, 0)),
+            "celerylab_queue_held_oldest_age_seconds": ("Age of the oldest message a worker holds "
+                                                        "unacknowledged (from its delivery or ETA)",
+                                                        lambda q: held.get(q, 0.0)),
         }
         for name, (doc, read) in gauges.items():
             family = GaugeMetricFamily(name, doc, labels=["queue"])
@@ -397,6 +464,12 @@ class Prometheus:
                                         watchdog=self.stack.watchdog)
         self.stack.services.append(self.group)
         _wait_http(f"{self.url}/-/ready", self.group, "Prometheus")
+        deadline = time.monotonic() + 20  # ready: the exporter scraped once (its `up` is 1)
+        while not any(v["value"][1] == "1" for v in self.query('up{job="celerylab"}')["result"]):
+            if time.monotonic() > deadline:
+                raise CourseError(f"Prometheus has not scraped {self.target} in 20 s: see "
+                                  f"{Path(self.stack.rundir) / 'prometheus' / 'prometheus.log'}")
+            time.sleep(0.1)
         return self
 
     def query(self, expr: str, at: float | None = None):
@@ -522,3 +595,47 @@ def pinger(url: str, hostnames, timeout: float = 0.3):
         replies = app.control.ping(destination=list(hostnames), timeout=timeout)
         return sum(1 for reply in replies for host in reply if host in hostnames)
     return ping
+
+
+# --- the tests behind the guidelines ----------------------------------------------------------------
+def results_file() -> Path:
+    """Where ``./course test`` records the whole suite's last run (JUnit XML)."""
+    from celerylab.processes import home
+    return home() / "test-results" / "last-run.xml"
+
+
+def test_results(junit: Path | None = None) -> tuple[dict[str, str], str | None]:
+    """Each test's outcome in a recorded run (node id -> passed / failed / skipped), and when the
+    run was; ({}, None) when no run is recorded."""
+    import xml.etree.ElementTree as ET
+    junit = junit or results_file()
+    if not junit.exists():
+        return {}, None
+    root = ET.parse(junit).getroot()
+    suite = root if root.tag == "testsuite" else root.find("testsuite")
+    outcomes = {}
+    for case in root.iter("testcase"):
+        node = case.get("classname", "").replace(".", "/") + ".py::" + case.get("name", "")
+        kinds = {child.tag for child in case}
+        outcomes[node] = ("failed" if kinds & {"failure", "error"} else
+                          "skipped" if "skipped" in kinds else "passed")
+    when = suite.get("timestamp") if suite is not None else None
+    return outcomes, when
+
+
+def run_tests(*paths: str, timeout: float = 60) -> dict[str, str]:
+    """Run these of the course's tests now, in a pytest of their own; their outcomes."""
+    from celerylab.processes import home
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "tests").is_dir():
+        raise CourseError("The course's tests/ folder is not here (an installed package): run "
+                          "them from a checkout of the course.")
+    junit = home() / "test-results" / f"run-{os.getpid()}.xml"
+    junit.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                    "-p", "no:randomly", f"--junitxml={junit}", *paths], cwd=root,
+                   capture_output=True, text=True, timeout=timeout)
+    outcomes, _ = test_results(junit)
+    junit.unlink(missing_ok=True)
+    return outcomes
+

@@ -122,3 +122,61 @@ def test_the_dashboard_draws_what_was_sampled(stack):
     board.refresh(4.0)
     assert board.progress.value == 4.0 and "5 samples" in board.label.value
     assert board.drawn == {"q": 5}, "every sample so far is on the figure"
+
+
+def held(r, tag, queue, delivered, eta=None):
+    """A delivery as kombu's QoS.append records it: scored by time, message kept by tag."""
+    headers = {"eta": eta} if eta else {}
+    r.zadd("unacked_index", {tag: delivered})
+    r.hset("unacked", tag, json.dumps([{"headers": headers, "body": ""}, "", queue]))
+
+
+def test_held_ages_count_from_the_delivery_or_a_later_eta(stack):
+    r, now = stack.redis, time.time()
+    held(r, "t1", "a", now - 7)
+    held(r, "t2", "a", now - 2)
+    eta = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(now + 60))  # held on purpose
+    held(r, "t3", "b", now - 50, eta=eta)
+    ages = observe.held_ages(r, now)
+    assert ages == {"a": pytest.approx(7), "b": 0.0}, "b is held until its ETA, on purpose"
+
+
+def test_the_exporter_ages_held_and_unstamped_messages(stack):
+    """Celery's defaults: a frozen worker's prefetched messages are held, not waiting (depth 0,
+    waiting age 0); a producer without the stamp: its message counted, and aged from the first
+    scrape that saw it, so the age still grows."""
+    r = stack.redis
+    held(r, "t1", "q", time.time() - 6)
+    r.lpush("legacy", json.dumps({"headers": {}, "properties": {"delivery_tag": "x"}}))
+    exporter = observe.Exporter(r, ["q", "legacy"]).start()
+    try:
+        def scrape():
+            text = urllib.request.urlopen(exporter.url, timeout=5).read().decode()
+            return {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+                    if line.startswith("celerylab_queue")}
+        first = scrape()
+        time.sleep(0.3)
+        second = scrape()
+    finally:
+        exporter.stop()
+    assert first['celerylab_queue_held_oldest_age_seconds{queue="q"}'] >= 6
+    assert first['celerylab_queue_oldest_age_seconds{queue="q"}'] == 0.0
+    assert second['celerylab_queue_unstamped_messages{queue="legacy"}'] == 1
+    assert second['celerylab_queue_oldest_age_seconds{queue="legacy"}'] >= 0.3
+
+
+def test_the_exporter_fails_its_scrape_when_redis_is_gone(stack):
+    """So Prometheus's `up` goes to 0 and the exporter-down rule fires, rather than every
+    gauge reading 0 and every other rule staying quiet."""
+    import urllib.error
+
+    import redis
+
+    from celerylab.broker import free_port
+    dead = redis.Redis(port=free_port(), socket_connect_timeout=0.5)
+    exporter = observe.Exporter(dead, ["q"]).start()
+    try:
+        with pytest.raises(urllib.error.HTTPError):
+            urllib.request.urlopen(exporter.url, timeout=10)
+    finally:
+        exporter.stop()

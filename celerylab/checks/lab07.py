@@ -15,10 +15,10 @@ decides when to page.
    ``FIRE_WITHIN`` seconds of the freeze and stay on while it lasts, and be off from
    ``CLEAR_WITHIN`` seconds after the stalled queue has drained.
 
-3. The alert, replayed (after the live verdicts): an ordinary burst whose oldest reaches 2 s
-   (quiet), a busy healthy queue of 25 waiting, none older than 0.1 s (quiet: depth is not lag),
-   and a low-rate queue nobody consumes, 1-6 waiting and its oldest growing to 60 s (fire by 10 s,
-   and stay on). The live run cannot make these on every machine.
+3. The alert, replayed (after the live verdicts): an ordinary burst recorded from a real run, its
+   oldest reaching 1.5-2 s (quiet), a busy healthy queue of 25 waiting, none older than 0.1 s
+   (quiet: depth is not lag), and a low-rate queue nobody consumes, 1-6 waiting and its oldest
+   growing to 60 s (fire by 10 s, and stay on). The live run cannot make these on every machine.
 
 Timing is judged against what happened in the same run: when the alert fired for the steady queue
 or the burst, turning on while their own oldest message (the truth) waited longer than
@@ -28,6 +28,7 @@ that stayed quiet is judged on the rest.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -45,6 +46,7 @@ PROBES = ("lab07-probe-a", "lab07-probe-b")
 NEIGHBOUR = "lab07-probe-b-eu"  # another queue whose name starts with a probe's
 STEADY, BURST, STALL = "lab07-steady", "lab07-burst", "lab07-stall"
 TICK = 0.25  # s between readings
+BURST_FILE = observe.RULES_FILE.parent / "burst-trace.json"
 SLOW_READING = 0.15  # s: a reading slower than this (median) cannot keep the tick
 LOAD_SECONDS, FREEZE_AT, RESCUE_AT = 11.0, 1.0, 8.0
 BURST_SIZE = 80  # drained by 4 children of 50 ms tasks in ~1 s: its oldest waits about 1 s
@@ -455,11 +457,16 @@ def _replay(lag_alert, readings):
 
 
 # Situations the live run cannot make on every machine, replayed (one reading every TICK):
-# an ordinary burst whose oldest reaches 2 s (the lab's table: "at most 2 s") and drains; a busy
-# but healthy queue (25 waiting, none older than 0.1 s); a low-rate queue nobody consumes (one
-# message every 10 s, so it never gets deep, while its oldest waits a minute).
-BURST_AGES = [None, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 1.5, 1.0, 0.5, None, None]
-BURST_TRACE = [(0 if a is None else 40 - 3 * i, a) for i, a in enumerate(BURST_AGES)]
+# an ordinary burst, recorded from a real run (``./course bench --record-burst``: 150 tasks at
+# once on a four-child worker; its date and machine are in the file), whose oldest reaches
+# 1.5-2 s (the lab's table: "at most 2 s") and drains; a busy but healthy queue (25 waiting, none
+# older than 0.1 s); a low-rate queue nobody consumes (one message every 10 s, so it never gets
+# deep, while its oldest waits a minute).
+BURST_RECORDING = json.loads(BURST_FILE.read_text())
+assert BURST_RECORDING["tick_seconds"] == TICK, "re-record the burst at the checker's tick"
+BURST_TRACE = [(depth, age) for depth, age in BURST_RECORDING["readings"]]
+BURST_AGES = [age for _depth, age in BURST_TRACE]
+BURST_PEAK = max(a for a in BURST_AGES if a is not None)
 BUSY_TRACE = [(25, 0.1)] * 24  # 6 s
 STALL_TRACE = [(1 + int(i * TICK // 10), i * TICK) for i in range(int(60 / TICK) + 1)]
 STALL_FIRE_BY = 10.0  # s of oldest age: the live stall asks for 6 s after the freeze
@@ -470,9 +477,10 @@ def _check_traces(lag_alert) -> None:
     if any(fired):
         age = BURST_AGES[fired.index(True)]
         raise LabCheckFailed(
-            f"Your alert fires for an ordinary burst: fed the readings of a queue whose oldest "
-            f"message reached 2 s and which drained by itself within 3 s, it fired at the reading "
-            f"where the oldest had waited {age} s. Nobody needs to be woken for that.")
+            f"Your alert fires for an ordinary burst: fed the readings recorded from a real one "
+            f"(its oldest message reached {BURST_PEAK:.1f} s, and it drained by itself within "
+            f"{len(BURST_TRACE) * TICK:.0f} s), it fired at the reading where the oldest had "
+            f"waited {age} s. Nobody needs to be woken for that.")
     if any(_replay(lag_alert, BUSY_TRACE)):
         raise LabCheckFailed(
             "Your alert fires for a busy but healthy queue: fed 6 s of readings with 25 messages "

@@ -483,7 +483,8 @@ def _check_watch(watch, module) -> dict:
            for i, (depth, age) in enumerate(BURST_TRACE)):
         raise LabCheckFailed(
             f"This alert ({above:g} s for {hold:g} s) would page for an ordinary burst: one that "
-            "drains by itself can leave its oldest message waiting up to 2 s (lab 7's table). "
+            "drains by itself can leave its oldest message waiting up to 2 s (lab 7's table; "
+            "replayed here: a burst recorded from a real run). "
             "Pages for traffic that fixes itself get muted; raise the threshold, or ask it to "
             "hold for longer.")
     checkout = capstone.route_of(module, "place_order")
