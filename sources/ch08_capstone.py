@@ -215,6 +215,80 @@ else:
 assert not [t for t in paged if t < freeze], "and never before it (the burst drained in time)"
 
 # %% [markdown]
+# **An order the OOM killer takes every time.** Lab 8's fix for a killed pool process is
+# `acks_late` with `task_reject_on_worker_lost`: the order goes back to the queue and runs again.
+# An order too big for its worker is killed again, and again: requeued for ever. Does the lag
+# alert see it? The requeued message is fetched again at once, so it is never old in the list.
+# What does see it is a count of attempts per task id, kept where the task starts (a
+# `task_prerun` receiver). One such order, on a worker with lab 8's settings:
+
+# %%
+# %%writefile ch08_loop.py
+"""An order too big for its worker: the OOM killer takes its process every time."""
+
+import os
+import signal
+
+import redis
+from celery import Celery, signals
+
+BROKER = os.environ["CELERYLAB_BROKER_URL"]
+
+app = Celery("ch08_loop", broker=BROKER, backend=BROKER)
+app.conf.update(
+    task_serializer="json",
+    result_serializer="json",
+    accept_content=["json"],
+    task_acks_late=True,  # lab 8's settings: a lost process gives its message back ...
+    task_reject_on_worker_lost=True,  # ... and a killed pool process too
+    worker_prefetch_multiplier=1,
+    task_default_queue="heavy",
+    broker_connection_retry_on_startup=True,
+)
+
+
+@signals.task_prerun.connect
+def count_attempt(task_id=None, **_):
+    """The detector: attempts per task id, counted where the task starts."""
+    redis.Redis.from_url(BROKER).hincrby("attempts", task_id, 1)
+
+
+@app.task
+def heavy_order(order_id):
+    os.kill(os.getpid(), signal.SIGKILL)  # what the OOM killer does, on every attempt
+
+
+# %%
+import time
+
+import ch08_loop
+
+looper = stack.spawn_worker("ch08_loop", name="heavy", queues=["heavy"], concurrency=1,
+                            prefetch_multiplier=1)
+with observe.Sampler(r, ["heavy"], interval=0.1) as heavy:
+    big = ch08_loop.heavy_order.delay("big-1").id
+    stack.wait_until(lambda: int(r.hget("attempts", big) or 0) >= 5, 30, "five attempts")
+    # long enough for the lag rule to page if the order ever stayed old in the list
+    stack.wait_until(lambda: time.time() - heavy.t0 > rule.above + rule.for_seconds + 1, 10,
+                     "the rule's window")
+    attempts = int(r.hget("attempts", big))
+looper.kill()  # it would loop for ever
+seen = heavy.series("heavy")
+lag_paged = any(observe.alert_timeline(seen, rule))
+print(f"{attempts} attempts in {seen[-1].t - seen[0].t:.1f} s; readings with the order waiting: "
+      f"{sum(1 for x in seen if x.depth)} of {len(seen)}; lag rule paged: {lag_paged}; "
+      f"attempts > 3: {attempts > 3}")
+
+# %%
+assert attempts >= 5 and not lag_paged, "the lag alert is blind to a kill-and-redeliver loop"
+assert max((x.oldest_age or 0) for x in seen) < rule.above, "never old in the list"
+
+# %% [markdown]
+# The attempts counter is the detector (alert when one task id starts more than 3 times), and
+# the bound is a decision only the flow can make: after N attempts, dead-letter the order
+# instead of running it (the count is in Redis, so a `task_prerun` check can reject it). Lab 8's
+# note says so.
+#
 # ## The way out: the adoption path
 #
 # None of these incidents needs new technology. Each is a behaviour a chapter made explicit.

@@ -343,7 +343,8 @@ NOTE = """
   order that is OOM-killed every time would be requeued for ever (no bound). The lag alert does
   not see it (the requeued message is fetched again within milliseconds, so nothing gets old):
   WorkerLostError in the logs and a count of attempts per order (a task_prerun receiver
-  incrementing a counter per task id, alerting above 3) tell us.
+  incrementing a counter per task id, alerting above 3: chapter 8 shows it catching the loop
+  the lag alert missed) tell us.
 - The payment provider is unavailable: retried with exponential backoff and full jitter (waits
   of 0-1, 0-2, 0-4 s, capped at 4 s), at most 3 times, then dead-lettered. A declined card is
   not retried.
