@@ -490,11 +490,13 @@ class Prometheus:
 
 
 # --- driving load, and watching it live -----------------------------------------------------------
-def run_load(rates: dict, seconds: float, actions=(), every=None, tick: float = 0.05) -> dict:
+def run_load(rates: dict, seconds: float, actions=(), every=None, tick: float = 0.05,
+             on_tick=None) -> dict:
     """Publish steadily from this thread: ``rates`` maps a queue to ``(send, per_second)`` where
     ``send(queue)`` publishes one message. ``actions`` are ``(at_seconds, callable)`` run once
     when due (a burst, a freeze, a worker added). ``every(elapsed)`` is called about once a
-    second (a dashboard). Returns {"t0", "sent": {queue: n}, "done_at": {action index: time}}."""
+    second (a dashboard), ``on_tick()`` after each round of publishing (a reading). Returns
+    {"t0", "sent": {queue: n}, "done_at": {action index: time}}."""
     t0 = time.time()
     sent = dict.fromkeys(rates, 0)
     pending = sorted(enumerate(actions), key=lambda x: x[1][0])
@@ -511,6 +513,8 @@ def run_load(rates: dict, seconds: float, actions=(), every=None, tick: float = 
             index, (_, action) = pending.pop(0)
             done_at[index] = time.time()
             action()
+        if on_tick:
+            on_tick()
         if every and elapsed - last_call >= 1.0:
             last_call = elapsed
             every(elapsed)
