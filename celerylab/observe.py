@@ -30,7 +30,7 @@ import time
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 
 from celerylab.broker import free_port
@@ -112,7 +112,10 @@ def held_ages(r, now: float | None = None, limit: int = 1000) -> dict[str, float
         try:
             message, _exchange, routing_key = json.loads(raw)
             eta = (message.get("headers") or {}).get("eta")
-            since = max(delivered, datetime.fromisoformat(eta).timestamp()) if eta else delivered
+            due = datetime.fromisoformat(eta) if eta else None
+            if due is not None and due.tzinfo is None:  # a naive eta: Celery reads it as UTC
+                due = due.replace(tzinfo=UTC)
+            since = max(delivered, due.timestamp()) if due else delivered
         except (TypeError, ValueError, AttributeError):  # acked meanwhile, or not kombu's
             continue
         ages[routing_key] = max(ages.get(routing_key, 0.0), now - since)
@@ -356,8 +359,9 @@ class Exporter:
     """The sampler's figures as Prometheus metrics, computed at each scrape (loopback only).
 
     Right for a team on Celery's defaults, not only for the course's settings: the ages of
-    messages a worker holds (a frozen worker prefetches up to concurrency x multiplier, 4 each by
-    default, and its queue looks empty), and messages without the publish stamp (a producer that
+    messages a worker holds (a frozen worker holds up to concurrency, the CPU count by default, x
+    the prefetch multiplier, 4, plus every ETA or countdown message it took, and its queue looks
+    empty), and messages without the publish stamp (a producer that
     does not load the stamping signal) counted, and aged from the first scrape that saw them: a
     lower bound that still grows. When Redis does not answer, the scrape fails, so Prometheus's
     own ``up`` series goes to 0 and the rules' exporter-down alert can fire."""

@@ -93,7 +93,8 @@ class Worker:
         ready_key = READY + self.hostname
         self.stack.redis.delete(ready_key)
         t0 = time.monotonic()
-        argv = [sys.executable, "-m", "celery", *self.command[1:]]
+        # `celery` itself, through a launcher that skips its CLI plugins (celerylab.celery_worker)
+        argv = [sys.executable, "-m", "celerylab.celery_worker", *self.command[1:]]
         self.group = ProcessGroup.spawn(argv, log=self.logfile.with_suffix(".out"), env=env,
                                         cwd=self.cwd, watchdog=self.stack.watchdog)
         if self not in self.stack._workers:

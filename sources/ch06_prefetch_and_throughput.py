@@ -411,7 +411,8 @@ assert stored("early ack, multiplier 4 (default)") == 400 and stored("default + 
 # the number of tasks in service on average = arrival rate × time in service. So for 50 calls a
 # second to a service that answers in 0.05 s, 50 × 0.05 = 2.5 children are busy on average: you
 # need at least **3**. With 2, at most 2 / 0.05 = 40 tasks a second get done, so for as long as
-# 50 a second arrive, the queue grows by about 10 a second. Predict, then measure each `-c`'s
+# 50 a second arrive, the queue grows by about 10 a second (Little's law describes a queue that
+# keeps up; this one never settles). Predict, then measure each `-c`'s
 # capacity (the most it can take): four workers with `-c` 1, 2, 3, 4 each drain 10 × c waiting
 # 0.05 s tasks (so each should take about 0.5 s). Then the arrival process itself: 50 tasks a
 # second for 2 s to the `-c 2` worker and to the `-c 3` worker, each queue's depth read as they
@@ -449,12 +450,13 @@ plots.table([{"-c": c, "predicted tasks/s (c / service time)": c / SERVICE_S,
 # %%
 print(f"Little's law: {ARRIVAL}/s x {SERVICE_S} s = {needed:.1f} busy children needed on average")
 print(f"queue growth over the last 1.5 s of arrivals: {grew}")
-assert capacity[2] < ARRIVAL, "2 children cannot keep up with 50/s"
 kept_rate = min(arrivals["sent"].values()) >= 0.9 * ARRIVAL * 2  # the producer kept its pace
+if kept_rate:
+    assert grew["io-2"] >= 5, "2 children fall behind 50 a second: the queue grows"
 if capacity[1] >= 0.85 / SERVICE_S and kept_rate:  # one child kept its pace: not the machine
     assert capacity[4] > 2.5 * capacity[1] and capacity[3] > 2 * capacity[1], capacity
-    assert ARRIVAL <= capacity[3], "3 children keep up with 50/s (2 cannot: at most 2 / 0.05 = 40/s)"
-    assert grew["io-2"] >= 5 and grew["io-2"] > grew["io-3"] + 5, "-c 2 falls behind, -c 3 does not"
+    assert capacity[3] >= 0.9 * ARRIVAL and grew["io-3"] < 5, "3 children keep up with 50/s"
+    assert grew["io-2"] > grew["io-3"] + 5, "-c 2 falls behind, -c 3 does not"
 else:  # the workers' main processes, not the children, set the pace on a busy machine
     print(f"This machine is too busy to judge the scaling and the 50/s claim right now: one child "
           f"managed {capacity[1]:.1f} tasks/s of its {1 / SERVICE_S:.0f}, the producer sent "

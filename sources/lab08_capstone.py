@@ -341,7 +341,8 @@ NOTE = """
   idempotency key, so a second run does not charge again.
 - The OOM killer takes a pool process: the order is requeued and runs again, charged once. An
   order that is OOM-killed every time would be requeued for ever (no bound). The lag alert does
-  not see it (the requeued message is fetched again within milliseconds, so nothing gets old):
+  not see it (on a quiet queue the requeued message waits milliseconds before it is fetched
+  again, never for the alert's hold):
   WorkerLostError in the logs and a count of attempts per order (a task_prerun receiver
   incrementing a counter per task id, alerting above 3: chapter 8 shows it catching the loop
   the lag alert missed) tell us.

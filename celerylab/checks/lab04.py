@@ -19,8 +19,9 @@ What it does to the learner's ``apply_payment`` (a real worker, 4 pool processes
            when there were more), each on its own payment and account, all at once: any two
            writes that must go together are caught, whichever they are (lost, or credited twice
            after the redelivery); and the redelivered run, a duplicate now, is killed again right
-           after ITS write #k (a duplicate's own writes, such as a refund after a mark already
-           taken, must not be split either), then delivered a third time
+           after ITS write #k if it gets that far (a duplicate's own writes, such as a refund
+           after a mark already taken, must not be split either), and comes back once more when
+           the answer requeues a lost process's message
 
 and it watches the answer's keys: a payment's memory must outlive a redelivery (more than an hour
 left when the check runs). Everything after the restart runs at once, and the verdicts come in the
