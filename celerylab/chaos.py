@@ -81,6 +81,18 @@ def _key(args) -> str | None:
     return key.decode(errors="replace") if isinstance(key, bytes) else str(key)
 
 
+def _keys(args) -> list[str]:
+    """The keys one command names: a script's declared KEYS, or its first argument."""
+    name = _name(args)
+    if name in _SCRIPTS and len(args) >= 3:
+        try:
+            return [_key([None, k]) for k in args[3:3 + int(args[2])]]
+        except (TypeError, ValueError):
+            return []
+    key = _key(args)
+    return [key] if key is not None else []
+
+
 def _current_job() -> tuple[str, str] | None:
     """(job, task id) of the Celery task running in this process, or None outside a task."""
     from celery import current_task
@@ -129,11 +141,11 @@ class ChaosRedis(redis.Redis):
             return None
         return _current_job()
 
-    def _before(self, job, names: list[str]) -> None:
+    def _before(self, job, names: list[str], keys=()) -> None:
         payment, task_id = job
         ctl = self._control()
         ctl.rpush(PREFIX + "log:" + payment, json.dumps(
-            {"task": task_id, "pid": os.getpid(), "commands": names}))
+            {"task": task_id, "pid": os.getpid(), "commands": names, "keys": list(keys)}))
         if ctl.exists(PREFIX + "lockstep:" + payment):
             self._rendezvous(ctl, payment, task_id)
 
@@ -149,13 +161,13 @@ class ChaosRedis(redis.Redis):
         if here >= 2:
             ctl.sadd(f"{PREFIX}met:{payment}", n)
 
-    def _after(self, job, names: list[str]) -> None:
+    def _after(self, job, names: list[str], keys=()) -> None:
         if not any(self._is_write(n) for n in names):
             return
         payment, task_id = job
         ctl = self._control()
         nth = ctl.rpush(PREFIX + "writes:" + payment, json.dumps(
-            {"task": task_id, "pid": os.getpid(), "commands": names}))
+            {"task": task_id, "pid": os.getpid(), "commands": names, "keys": list(keys)}))
         armed_at = ctl.get(PREFIX + "crash:" + payment)
         # armed for this job's nth write (counted over its deliveries): fire, once
         if armed_at is not None and nth >= int(armed_at) and ctl.delete(PREFIX + "crash:" + payment):
@@ -169,10 +181,10 @@ class ChaosRedis(redis.Redis):
         job = self._watched([args])
         if job is None:
             return super().execute_command(*args, **options)
-        names = [_name(args)]
-        self._before(job, names)
+        names, keys = [_name(args)], _keys(args)
+        self._before(job, names, keys)
         result = super().execute_command(*args, **options)
-        self._after(job, names)
+        self._after(job, names, keys)
         return result
 
     def pipeline(self, transaction=True, shard_hint=None) -> Pipeline:
@@ -195,10 +207,10 @@ class ChaosPipeline(ChaosRedis, Pipeline):
         job = None if self._in_batch else self._watched([args])
         if job is None:
             return Pipeline.immediate_execute_command(self, *args, **options)
-        names = [_name(args)]
-        self._before(job, names)
+        names, keys = [_name(args)], _keys(args)
+        self._before(job, names, keys)
         result = Pipeline.immediate_execute_command(self, *args, **options)
-        self._after(job, names)
+        self._after(job, names, keys)
         return result
 
     def execute(self, raise_on_error: bool = True):
@@ -208,14 +220,14 @@ class ChaosPipeline(ChaosRedis, Pipeline):
             return Pipeline.execute(self, raise_on_error)
         if not self.transaction:
             return self._one_by_one(raise_on_error)
-        names = [_name(c) for c in commands]
-        self._before(job, names)
+        names, keys = [_name(c) for c in commands], [k for c in commands for k in _keys(c)]
+        self._before(job, names, keys)
         self._in_batch = True
         try:
             result = Pipeline.execute(self, raise_on_error)
         finally:
             self._in_batch = False
-        self._after(job, names)
+        self._after(job, names, keys)
         return result
 
 
@@ -277,11 +289,11 @@ def met(r: redis.Redis, job: str) -> set[int]:
 
 
 def log(r: redis.Redis, job: str) -> list[dict]:
-    """Every watched command (or batch) the job sent: task id, pid, command names."""
+    """Every watched command (or batch) the job sent: task id, pid, command names, keys."""
     return [json.loads(x) for x in r.lrange(PREFIX + "log:" + job, 0, -1)]
 
 
 def writes(r: redis.Redis, job: str) -> list[dict]:
     """Every write (command or batch) the job sent that succeeded, in order: task id, pid,
-    command names."""
+    command names, keys."""
     return [json.loads(x) for x in r.lrange(PREFIX + "writes:" + job, 0, -1)]

@@ -20,9 +20,10 @@
 # 3. it **SIGKILLs the process between two writes your payment makes to Redis**, like the OOM
 #    killer could, and it does it at every place there is: it counts the writes one payment of
 #    yours makes, then runs that many other payments, each killed right after a different write
-#    (the first, the second, ...; up to the sixth); and when such a payment comes back, it kills
-#    the redelivered run too, right after that run's own write of the same number if it makes
-#    that many: a duplicate's writes (an undo, say) must not be split either. It does it through `db`, the Redis client the
+#    (the first, the second, ...; up to the sixth, counted over a whole run); and when such a
+#    payment comes back, it kills the redelivered runs too, one after another, right after their
+#    own first write, then their second: a duplicate's writes (an undo, say) must not be split
+#    either. It does it through `db`, the Redis client the
 #    module gets from the course (it is a `redis.Redis` in every other respect), so write through
 #    `db`. A Lua script is one command, and a MULTI/EXEC transaction runs all its queued
 #    commands or, if the process dies before EXEC, none, so neither is split (it is no rollback,

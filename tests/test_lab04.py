@@ -111,6 +111,49 @@ return redis.call('HINCRBY', KEYS[2], ARGV[3], ARGV[1])
         fresh, _credited = pipe.execute()
     if not fresh:
         db.hincrby("balances", account, -amount_cents)""")],
+    # the same with an audit write first that a redelivery skips: the duplicate's writes shift,
+    # so only killing each redelivery after its write #1, #2 ... lands between EXEC and refund
+    "audit, then MULTI of HINCRBY + SADD, refund if taken": [(CREDIT, """if not db.exists(f"audit:{payment_id}"):
+        db.hset(f"audit:{payment_id}", mapping={"account": account, "amount": amount_cents})
+    with db.pipeline(transaction=True) as pipe:
+        pipe.hincrby("balances", account, amount_cents)
+        pipe.sadd("applied", payment_id)
+        _credited, added = pipe.execute()
+    if not added:
+        db.hincrby("balances", account, -amount_cents)""")],
+    # a "processing" mark cleared after the bank's notify: writes pay-A never reached (it is
+    # killed in notify), counted from a whole run
+    "processing mark, cleared after notify": [
+        (SCRIPT, '''CREDIT_ONCE = db.register_script("""
+if redis.call('EXISTS', KEYS[2]) == 1 or redis.call('EXISTS', KEYS[3]) == 1 then
+    return 0
+end
+redis.call('SET', KEYS[2], 1)
+return redis.call('HINCRBY', KEYS[1], ARGV[1], ARGV[2])
+""")'''),
+        (CREDIT, 'CREDIT_ONCE(keys=["balances", f"processing:{payment_id}", f"paid:{payment_id}"],\n'
+                 "                args=[account, amount_cents])"),
+        ('    bank("notify", payment_id, 1.0)', '''    bank("notify", payment_id, 1.0)
+    db.delete(f"processing:{payment_id}")
+    db.set(f"paid:{payment_id}", 1)'''),
+    ],
+    # the credit through a client of its own; only a status write goes through `db`
+    "credit through its own client": [
+        (IMPORTS, IMPORTS + "\nimport redis\n"),
+        (CREDIT, """own = redis.Redis.from_url(BROKER)
+    if own.set(f"paid:{payment_id}", 1, nx=True, ex=7 * 24 * 3600):
+        own.hincrby("balances", account, amount_cents)
+    db.hset("payment_status", payment_id, "applied")"""),
+    ],
+    # a read check first: a redelivery returns early, so the undo runs only in a race, which the
+    # checker runs in lockstep but never crashes (known limit)
+    "SISMEMBER, then MULTI, refund if taken": [(CREDIT, """if not db.sismember("applied", payment_id):
+        with db.pipeline(transaction=True) as pipe:
+            pipe.hincrby("balances", account, amount_cents)
+            pipe.sadd("applied", payment_id)
+            _credited, added = pipe.execute()
+        if not added:
+            db.hincrby("balances", account, -amount_cents)""")],
     # idempotency keyed on the account: every payment so far went to an account of its own
     "keyed by account": [(CREDIT, CREDIT.replace("payment:{payment_id}", "credited:{account}"))],
     # a lock around check, credit and mark: a duplicate waits, but a crash between the credit
@@ -186,12 +229,20 @@ def lab04_module(variant: str) -> str:
     ("plain pipeline: HINCRBY, SET NX (undo if taken)",
      r"acct-H1 holds \d+.*credited (twice|\d times).*write #1 \(HINCRBY\)"),
     ("RPUSH audit, then SET NX, then HINCRBY",
-     r"pay-H2 was lost.*write #2 \(SET\).*ran again and was not credited"),
+     r"pay-H[12] was lost.*\(SET\).*ran again and was not credited"),
     ("lock, then SISMEMBER, HINCRBY, SADD",
      r"acct-H2 holds \d+.*credited (twice|\d times).*write #2 \(HINCRBY\)"),
     ("MULTI of SET NX + HINCRBY, refund if taken",
-     r"acct-H1 holds 16000.*credited twice.*write #1 \(SET \+ HINCRBY\).*redelivery.*"
+     r"acct-H1 holds 16000.*credited twice.*write #1 \(SET \+ HINCRBY\).*redeliver.*"
      r"write #1 \(SET \+ HINCRBY\)"),
+    ("audit, then MULTI of HINCRBY + SADD, refund if taken",
+     r"acct-H2 holds 16000.*credited twice.*redeliveries"),
+    ("processing mark, cleared after notify", r"acct-H\d holds 16000.*credited twice"),
+    ("credit through its own client", "none of its writes through the module's `db` touched"),
+    pytest.param("SISMEMBER, then MULTI, refund if taken", "credited twice",
+                 marks=pytest.mark.xfail(strict=True, reason=(
+                     "known limit: the undo path runs only when two copies race, and the "
+                     "checker runs them in lockstep without killing either"))),
     ("keyed by account", "two different payments to one account, and one was dropped: pay-C"),
     ("celerylab: key, EX 600", r"`celerylab:paid:pay-A` is gone in \d+ s"),
     ("ignore_result, acks_late alone",

@@ -15,13 +15,16 @@ What it does to the learner's ``apply_payment`` (a real worker, 4 pool processes
     G      its pool child is SIGKILLed mid-authorize (what the OOM killer does): not lost
     H1..Hn pay-Hk's process SIGKILLs itself right after its write #k through ``db``, for every k
            from 1 to n, the number of writes pay-A made before the worker crash (it is in its
-           last bank call by then; at most ``MAX_CRASHES`` are tried, and the pass line says so
-           when there were more), each on its own payment and account, all at once: any two
+           last bank call by then), or pay-E's first whole run when that made more (writes after
+           the last bank call count too; at most ``MAX_CRASHES`` are tried, and the pass line
+           says so when there were more), each on its own payment and account: any two
            writes that must go together are caught, whichever they are (lost, or credited twice
-           after the redelivery); and the redelivered run, a duplicate now, is killed again right
-           after ITS write #k if it gets that far (a duplicate's own writes, such as a refund
-           after a mark already taken, must not be split either), and comes back once more when
-           the answer requeues a lost process's message
+           after the redelivery); and each redelivered run, a duplicate once the first run had
+           written, is killed in turn right after ITS write #1, then the next after its #2, if it
+           gets that far (``CRASHES_PER_PAYMENT``: a duplicate's own writes, such as a refund
+           after a mark already taken, must not be split either)
+    credit pay-A's writes through ``db`` must touch ``balances`` (a credit made through a client
+           of the answer's own escapes every injection above)
 
 and it watches the answer's keys: a payment's memory must outlive a redelivery (more than an hour
 left when the check runs). Everything after the restart runs at once, and the verdicts come in the
@@ -58,6 +61,7 @@ LAB04_TASK = "lab04_tasks.apply_payment"
 AMOUNTS = {"A": 1000, "B": 2000, "C": 300, "D": 300, "E": 5, "F": 60, "G": 700, "H": 8000}
 ACCOUNTS = {"D": "acct-C"}  # pay-D goes to pay-C's account; every other payment to its own
 MAX_CRASHES = 6  # crash positions tried: after writes #1..#6 (an answer may make more)
+CRASHES_PER_PAYMENT = 3  # a first run killed after its write #k, then its redeliveries after #1, #2
 MEMORY_FLOOR = 3600  # s: the default visibility timeout; a payment's memory must last longer
 SETTLE = 60.0  # s: generous; everything after the restart normally settles within ~10 s
 GONE_FOR = 5.0  # s a killed payment's message stays gone, with no new attempt, before it is lost
@@ -292,6 +296,14 @@ def check_lab04(stack) -> None:
         reached("notify:pay-A")  # A is credited and in its last, slow call
         _check_memory(r, "pay-A")
         a_writes = [w["commands"] for w in chaos.writes(r, "pay-A")]  # one run, uncrashed so far
+        if a_writes and not any("balances" in w.get("keys", []) or  # a script may not say
+                                set(w["commands"]) & {"eval", "evalsha", "fcall"}
+                                for w in chaos.writes(r, "pay-A")):
+            raise LabCheckFailed(
+                "pay-A was credited, but none of its writes through the module's `db` touched "
+                "`balances`: the credit went through a client of its own. The checker kills "
+                "payments between writes, and runs duplicates side by side, through `db` only; "
+                "the OOM killer does not spare another client. Write the credit through `db`.")
         b = pay("B")
         reached("authorize:pay-B")  # B is in its first call, not credited yet
         worker.kill()
@@ -308,8 +320,16 @@ def check_lab04(stack) -> None:
         n_crashes = min(max(1, len(a_writes)), MAX_CRASHES)
         crash_labels = [f"H{k}" for k in range(1, n_crashes + 1)]
         crashable.update(["G", *crash_labels])
-        for k, label in enumerate(crash_labels, 1):
+
+        def crash_payment(k):  # pay-Hk: killed right after its write #k
+            label = f"H{k}"
+            if label not in crash_labels:
+                crash_labels.append(label)
+                crashable.add(label)
             chaos.arm_crash(r, f"pay-{label}", after=k)
+
+        for k in range(1, n_crashes + 1):
+            crash_payment(k)
         chaos.arm_lockstep(r, "pay-F")
         pay("F")  # one payment, delivered twice at the same moment
         pay("F")
@@ -317,7 +337,8 @@ def check_lab04(stack) -> None:
         e1, c = pay("E"), pay("C")
         for label in crash_labels:
             pay(label)
-        dup_armed: set[str] = set()
+        armed_after: dict[str, int] = {}  # label -> crashes seen when its next crash was armed
+        e_writes: list = []
         deadline = time.monotonic() + SETTLE
         while True:
             runs = runs_now()
@@ -331,11 +352,20 @@ def check_lab04(stack) -> None:
             for crash in chaos.crashes(r):
                 fired.setdefault(crash["job"].removeprefix("pay-"), []).append(crash)
             for label, crashes in fired.items():
-                if label not in dup_armed:  # the redelivery: killed after its own write #k
-                    dup_armed.add(label)
-                    chaos.arm_crash(r, f"pay-{label}", after=crashes[0]["write"] + int(label[1:]))
+                # each redelivery, a duplicate once the first run had written, is killed in
+                # turn after its own write #1, then #2: a duplicate's writes (an undo) split too
+                if armed_after.get(label) != len(crashes) and len(crashes) < CRASHES_PER_PAYMENT:
+                    armed_after[label] = len(crashes)
+                    chaos.arm_crash(r, f"pay-{label}", after=crashes[-1]["write"] + len(crashes))
                 if label not in killed or killed[label].pid != crashes[-1]["pid"]:
                     killed[label] = _Killed(crashes[-1]["pid"])  # the latest death counts
+            if len(sent["E"]) == 1 and runs.succeeded(e1.id) and not e_writes:
+                # a whole run, which pay-A's was not (killed in notify): more crash positions
+                e_writes = [w["commands"] for w in chaos.writes(r, "pay-E")
+                            if w["task"] == e1.id] or [[]]
+                for k in range(n_crashes + 1, min(len(e_writes), MAX_CRASHES) + 1):
+                    crash_payment(k)
+                    pay(f"H{k}")
             if len(sent["E"]) == 1 and runs.succeeded(e1.id):
                 pay("E")  # the client retries: the same payment id, a new message
             if "D" not in sent and runs.succeeded(c.id):
@@ -439,9 +469,11 @@ def check_lab04(stack) -> None:
                              "your code.")
     ok("a pool process SIGKILLed mid-payment (the OOM killer's way): the payment was applied once")
 
+    whole = e_writes if len(e_writes) > len(a_writes) and e_writes != [[]] else a_writes
     writes = ", ".join(f"#{i} {' + '.join(c.upper() for c in cmds)}"
-                       for i, cmds in enumerate(a_writes, 1)) or "none"
-    yours = f"(your payment's writes through `db`, in pay-A's run: {writes})"
+                       for i, cmds in enumerate(whole, 1)) or "none"
+    run_of = "pay-E's first run" if whole is e_writes else "pay-A's run"
+    yours = f"(your payment's writes through `db`, in {run_of}: {writes})"
     tried = []
     for k, label in enumerate(crash_labels, 1):
         job, want = f"pay-{label}", AMOUNTS["H"]
@@ -458,10 +490,11 @@ def check_lab04(stack) -> None:
         after = " + ".join(c.upper() for c in crash[0]["after"])
         k = crash[0].get("write", k)
         where = f"the checker killed its process right after its write #{k} ({after})"
-        if len(crash) > 1:  # its redelivery, a duplicate, was killed too
-            again = " + ".join(c.upper() for c in crash[1]["after"])
-            where += (f", then the process running its redelivery (a duplicate now) right after "
-                      f"that run's write #{crash[1]['write'] - crash[0]['write']} ({again})")
+        later = [f"#{c['write'] - prev['write']} ({' + '.join(x.upper() for x in c['after'])})"
+                 for prev, c in zip(crash, crash[1:], strict=False)]
+        if later:  # its redeliveries, duplicates once a run had written, were killed too
+            where += (", then the processes running its redeliveries right after their own "
+                      f"write {' and '.join(later)}")
         where += ", as the OOM killer could between any two writes"
         tried.append(f"#{k} ({after})")
         runs_h = len(runs.started(sent[label][0].id))
@@ -485,8 +518,8 @@ def check_lab04(stack) -> None:
             raise LabCheckFailed(
                 f"acct-{label} holds {held(label)}, expected {want}: {where[0].upper()}"
                 f"{where[1:]}, and {job} was not applied exactly once after that. {yours}")
-    more = (f" (your payment makes {len(a_writes)} writes: the checker tried the first "
-            f"{MAX_CRASHES} only)") if len(a_writes) > MAX_CRASHES else ""
+    more = (f" (your payment makes {len(whole)} writes: the checker tried the first "
+            f"{MAX_CRASHES} only)") if len(whole) > MAX_CRASHES else ""
     if len(tried) == 1:
         ok(f"a process killed right after its write {tried[0]}: the payment was applied once{more}")
     else:
