@@ -344,7 +344,7 @@ one.stop()
 #
 # Prefetch exists to hide the broker's round trip: while a child runs one task, the next message
 # is already in the worker. So measure the round trip, and what a tiny task costs Celery. Each
-# worker below (`-c 2`) finds 400 messages waiting at once (published to a side list, then
+# worker below (`-c 2`) finds 250 messages waiting at once (published to a side list, then
 # `RENAME`d into its queue), and we time it draining them. In the same cell, raw `LPUSH` and
 # `BRPOP` on the same Redis: the floor a broker round trip sets. (Kombu's Redis transport makes
 # three round trips per message: the `BRPOP`, a `ZADD`+`HSET` transaction (MULTI/EXEC, one round
@@ -364,7 +364,7 @@ drainers = [prefetch.workers_for(stack, "ch06_tasks", setting, queue=f"tiny-{i}"
                                  names=[f"tiny{i}"])[0] for i, (setting, _) in enumerate(TINY.values())]
 stack.start_workers(*drainers)
 stack.clear_records()  # a shorter recording to read
-rates = prefetch.drain_rates(stack, {label: (task, f"tiny-{i}", 400, ())
+rates = prefetch.drain_rates(stack, {label: (task, f"tiny-{i}", 250, ())
                                      for i, (label, (_, task)) in enumerate(TINY.items())})
 raw = prefetch.raw_redis_rates(r)
 stack.stop_workers()
@@ -391,7 +391,7 @@ print("measured, relative to multiplier 4:", {k: round(v, 2) for k, v in by_mult
 assert celery_rate < 0.25 * raw["BRPOP/s"], "the broker round trip is not what limits Celery here"
 assert round_trip_ms < 0.1 * per_task_ms, "so prefetch can hide only a small share of the cost"
 stored = lambda label: sum(r.exists(f"celery-task-meta-{i}") for i in rates[label]["ids"])  # noqa: E731
-assert stored("early ack, multiplier 4 (default)") == 400 and stored("default + ignore_result") == 0
+assert stored("early ack, multiplier 4 (default)") == 250 and stored("default + ignore_result") == 0
 
 # %% [markdown]
 # On a local Redis a round trip costs a small fraction of what Celery spends on each task
