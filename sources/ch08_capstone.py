@@ -225,7 +225,7 @@ assert not [t for t in paged if t < freeze], "and never before it (the burst dra
 # the task starts (a `task_prerun` receiver). One such order, on a worker with lab 8's settings:
 
 # %%
-# %%writefile ch08_loop.py
+# %%writefile ch08_heavy_tasks.py
 """An order too big for its worker: the OOM killer takes its process every time."""
 
 import os
@@ -236,7 +236,7 @@ from celery import Celery, signals
 
 BROKER = os.environ["CELERYLAB_BROKER_URL"]
 
-app = Celery("ch08_loop", broker=BROKER, backend=BROKER)
+app = Celery("ch08_heavy_tasks", broker=BROKER, backend=BROKER)
 app.conf.update(
     task_serializer="json",
     result_serializer="json",
@@ -263,12 +263,12 @@ def heavy_order(order_id):
 # %%
 import time
 
-import ch08_loop
+import ch08_heavy_tasks
 
-looper = stack.spawn_worker("ch08_loop", name="heavy", queues=["heavy"], concurrency=1,
+looper = stack.spawn_worker("ch08_heavy_tasks", name="heavy", queues=["heavy"], concurrency=1,
                             prefetch_multiplier=1)
 with observe.Sampler(r, ["heavy"], interval=0.1) as heavy:
-    big = ch08_loop.heavy_order.delay("big-1").id
+    big = ch08_heavy_tasks.heavy_order.delay("big-1").id
     stack.wait_until(lambda: int(r.hget("attempts", big) or 0) >= 5, 30, "five attempts")
     # the loop goes on (a sixth attempt), and long enough for the lag rule to page if the order
     # ever stayed old in the list

@@ -191,3 +191,17 @@ def test_ci_install_part_reaches_the_test_command_on_a_fresh_root_machine(tmp_pa
     for package in ("docker-compose", "prometheus", "chromium"):
         assert "install -y -qq" in installs and package in installs, installs
     assert not (tmp_path / "policy-rc.d").exists(), "its own policy-rc.d is removed afterwards"
+
+
+def test_only_notebooks_are_committed_beside_the_notebooks():
+    """What a notebook writes with %%writefile (task modules) is the learner's run, not the
+    course: git ignores it, and none of it is committed."""
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    tracked = subprocess.run(["git", "ls-files", "notebooks", "labs", "solutions"], cwd=ROOT,
+                             capture_output=True, text=True, check=True).stdout.split()
+    assert [f for f in tracked if not f.endswith(".ipynb")] == []
+    for written in re.findall(r"^# %%writefile (\S+)", "".join(
+            p.read_text() for p in (ROOT / "sources").glob("*.py")), re.M):
+        ignored = subprocess.run(["git", "check-ignore", "-q", f"notebooks/{written}"], cwd=ROOT)
+        assert ignored.returncode == 0, f"notebooks/{written} is not git-ignored"
