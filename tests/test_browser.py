@@ -189,8 +189,12 @@ def press(page, label: str, expect: str) -> str:
     output = page.locator(f"{NB} .jupyter-widgets .jp-OutputArea").last
     button.scroll_into_view_if_needed()
     button.click()
-    page.wait_for_function("([el, pat]) => new RegExp(pat).test(el.innerText)",
-                           arg=[output.element_handle(), expect], timeout=30_000)
+    try:  # a bound for a busy machine, not a pace: it returns as soon as the text is there
+        page.wait_for_function("([el, pat]) => new RegExp(pat).test(el.innerText)",
+                               arg=[output.element_handle(), expect], timeout=60_000)
+    except Exception as exc:  # playwright's TimeoutError: say what the control showed instead
+        raise AssertionError(f"{label!r} did not show /{expect}/ within 60 s; it showed: "
+                             f"{output.inner_text()!r}") from exc
     return output.inner_text()
 
 

@@ -231,7 +231,7 @@ def lab04_module(variant: str) -> str:
     ("RPUSH audit, then SET NX, then HINCRBY",
      r"pay-H[12] was lost.*\(SET\).*ran again and was not credited"),
     ("lock, then SISMEMBER, HINCRBY, SADD",
-     r"acct-H2 holds \d+.*credited (twice|\d times).*write #2 \(HINCRBY\)"),
+     r"acct-H[12] holds \d+.*credited (twice|\d times).*#2 \(HINCRBY\)"),
     ("MULTI of SET NX + HINCRBY, refund if taken",
      r"acct-H1 holds 16000.*credited twice.*write #1 \(SET \+ HINCRBY\).*redeliver.*"
      r"write #1 \(SET \+ HINCRBY\)"),
