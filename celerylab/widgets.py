@@ -45,8 +45,16 @@ def reported(out, fn, r=None):
     once, with the way to restart it, instead of Celery's long reconnection attempts."""
 
     def say(text: str) -> None:
+        # Through the output's context, as the callbacks write: the browser then applies the
+        # clear and the text in order. (Mixing in `out.append_stdout`, a state sent from the
+        # kernel, raced the browser's own copy of the cleared output: under load the control
+        # was left empty.)
         out.clear_output()
-        out.append_stdout(text + "\n")
+        if _in_kernel():
+            with out:
+                print(text)
+        else:  # plain Python (a script, the unit tests): no browser, the state is the output
+            out.append_stdout(text + "\n")
 
     @functools.wraps(fn)
     def run(*args):
@@ -60,6 +68,14 @@ def reported(out, fn, r=None):
             from celerylab.errors import CourseError
             say(str(exc) if isinstance(exc, CourseError) else f"{type(exc).__name__}: {exc}")
     return run
+
+
+def _in_kernel() -> bool:
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    return getattr(get_ipython(), "kernel", None) is not None
 
 
 def _globals_read(fn) -> set[str]:
@@ -113,8 +129,11 @@ def queue_explorer(task, r, queue: str = "celery"):
 
     def show(text: str) -> None:
         out.clear_output()
-        with out:
-            print(text)
+        if _in_kernel():
+            with out:
+                print(text)
+        else:  # plain Python (a script, the unit tests): no browser, the state is the output
+            out.append_stdout(text + "\n")
 
     def on_send(_):
         report = send_and_inspect(now_task(task), now_redis(r), count.value, queue)
