@@ -185,14 +185,14 @@ def soak(runs: int, hogs: int = 0, pytest_args=()) -> int:
                         if re.search(r"\d+ (passed|failed)", line)), "no summary")
         failed = sorted(set(re.findall(r"^(?:FAILED|ERROR) (\S+)", out, re.M)))
         results.append(proc.returncode == 0)
-        if proc.returncode:  # keep the whole output of a failing run
-            from celerylab.processes import home
-            log = home() / "soak" / f"run-{time.strftime('%Y%m%d-%H%M%S')}-{n}.log"
-            log.parent.mkdir(parents=True, exist_ok=True)
-            log.write_text(out)
+        from celerylab.processes import home  # each run's whole output (slowest items, per file)
+        log = home() / "soak" / f"run-{time.strftime('%Y%m%d-%H%M%S')}-{n}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text(out)
+        if proc.returncode:
             failed.append(f"(full output: {log})")
-        print(f"run {n}: {'PASS' if proc.returncode == 0 else 'FAIL'}  {took:6.0f} s  {summary}",
-              flush=True)
+        print(f"run {n}: {'PASS' if proc.returncode == 0 else 'FAIL'}  {took:6.0f} s  {summary}"
+              f"  ({log.name})", flush=True)
         for test in failed:
             print(f"    failed: {test}", flush=True)
         if proc.returncode and not failed:

@@ -97,13 +97,15 @@ def right_answer(item) -> bool:
 def hog(request):
     """One busy-loop process beside the test: checkers must judge right on a busy machine.
 
-    Every run puts it beside the right answers (a checker must not reject them because the
-    machine is busy). Beside the wrong answers only with CELERYLAB_HOG=all: the soak
-    (``bench --soak N --hog K``) runs the whole suite beside busy loops of its own, so paying a
-    second core on every run for every wrong answer proves nothing more.
-    CELERYLAB_HOG=none: no busy loop at all."""
-    mode = os.environ.get("CELERYLAB_HOG", "right")
-    if mode == "none" or (mode != "all" and not right_answer(request.node)):
+    Every run puts it beside each lab's solution (the tests that exist for it: a checker must
+    not reject a right answer because the machine is busy). The soak (``bench --soak N --hog K``)
+    runs the whole suite beside busy loops of its own, so paying a core on every run beside every
+    answer proves nothing more. CELERYLAB_HOG=right: beside every right answer; =all: beside
+    the wrong answers too; =none: no busy loop at all."""
+    mode = os.environ.get("CELERYLAB_HOG", "solution")
+    wanted = {"all": True, "right": right_answer(request.node),
+              "solution": right_answer(request.node) and "solution" in request.node.name}
+    if not wanted.get(mode, False):
         yield None
         return
     from celerylab.reference import busy_loop
