@@ -11,10 +11,8 @@ learner should see the course's words, not a library's noise.
 
 from __future__ import annotations
 
-import json
 import os
 import re
-from pathlib import Path
 
 RUNS = int(os.environ.get("CELERYLAB_NOTEBOOK_RUNS", "2"))
 WARNING = re.compile(r"\b\w*Warning: .*")
@@ -49,39 +47,6 @@ def pytest_configure(config):
         plugin.IPyNbFile.collect = collect
 
 
-# Longest files first. `./course test` hands whole files to its xdist workers as they free up
-# (--dist loadfile --no-loadscope-reorder): starting the longest first keeps one long file from
-# running alone at the end. A file's weight is its serial seconds in the last run here
-# (MEASURED, written below), else in the committed table; a file in neither (a new chapter)
-# counts as NEW_FILE_SECONDS. The order within a file is kept (a notebook's run 2 follows run 1).
-HERE = Path(__file__).resolve().parent
-COMMITTED = HERE / "tests" / "seconds-per-file.json"
-MEASURED = HERE / ".celerylab" / "test-results" / "seconds-per-file.json"
-NEW_FILE_SECONDS = 60.0
-
-
-def file_weights() -> dict[str, float]:
-    weights: dict[str, float] = {}
-    for table in (COMMITTED, MEASURED):
-        try:
-            weights.update(json.loads(table.read_text()))
-        except (OSError, ValueError):
-            pass
-    return weights
-
-
-def pytest_collection_modifyitems(session, config, items):
-    weights = file_weights()
-    first: dict[str, int] = {}
-    for i, item in enumerate(items):
-        first.setdefault(item.nodeid.split("::")[0], i)
-
-    def key(item):
-        path = item.nodeid.split("::")[0]
-        return -weights.get(path, NEW_FILE_SECONDS), first[path]
-    items.sort(key=key)  # stable: each file's own order is kept
-
-
 # Where the suite's time goes: each test file's total (setup + call + teardown of its items, added
 # up across xdist workers), printed after pytest's own slowest items (--durations).
 _spent: dict[str, float] = {}
@@ -99,12 +64,3 @@ def pytest_terminal_summary(terminalreporter):
     for path, seconds in sorted(_spent.items(), key=lambda kv: -kv[1]):
         terminalreporter.write_line(f"{seconds:8.1f}  {path}")
     terminalreporter.write_line(f"{sum(_spent.values()):8.1f}  in all")
-    if hasattr(terminalreporter.config, "workerinput"):
-        return  # an xdist worker: the controller has every file's figure
-    try:  # this machine's figures, for the next run's order (files not run keep theirs)
-        measured = json.loads(MEASURED.read_text()) if MEASURED.exists() else {}
-        measured.update({path: round(seconds, 1) for path, seconds in _spent.items()})
-        MEASURED.parent.mkdir(parents=True, exist_ok=True)
-        MEASURED.write_text(json.dumps(dict(sorted(measured.items())), indent=1) + "\n")
-    except OSError:
-        pass

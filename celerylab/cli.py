@@ -183,8 +183,6 @@ def cmd_test(args) -> int:
     extra = list(args.pytest_args)
     if not any(a.startswith("-n") for a in extra):
         extra = ["-n", "2", "--dist", "loadfile", *extra]
-    if "loadfile" in extra and "--no-loadscope-reorder" not in extra:
-        extra = ["--no-loadscope-reorder", *extra]  # conftest.py orders files, longest first
     if not any(a.startswith("--durations") for a in extra):
         extra = ["--durations=15", *extra]  # the slowest items; conftest.py adds each file's total
     paths = [a for a in extra if Path(a.split("::")[0]).exists()]  # ./course test tests/x.py
