@@ -15,6 +15,10 @@ argument of the Celery task that is running (a payment id, say):
     lockstep   every command the job sends waits until the other delivery of the same job has
                reached the same command: two duplicates that run side by side interleave
                command by command, so a check-then-write race shows every time, not by luck.
+               Where the two send different commands at one step (their code branched), a read
+               goes first, then the write: the read sees the state before the write, the
+               order a check-then-write race needs (left to chance, it would show half the
+               time).
 
 Commands on ``unwatched_keys`` (a given helper's own log, say) and commands sent outside a task
 are never watched. Every watched command is logged before it is sent (``log``), so a checker can
@@ -52,13 +56,13 @@ _READONLY_FALLBACK = {
 }
 _SCRIPTS = {"eval", "evalsha", "fcall"}  # may write; Redis does not flag them "write"
 
-_state: dict = {"pid": None, "control": None, "writes": None, "steps": {}}
+_state: dict = {"pid": None, "control": None, "writes": None, "steps": {}, "read_step": None}
 
 
 def _fresh() -> dict:
     """Per-process state (a pool child inherits the parent's, so reset it after a fork)."""
     if _state["pid"] != os.getpid():
-        _state.update(pid=os.getpid(), control=None, writes=None, steps={})
+        _state.update(pid=os.getpid(), control=None, writes=None, steps={}, read_step=None)
     return _state
 
 
@@ -146,23 +150,34 @@ class ChaosRedis(redis.Redis):
         ctl = self._control()
         ctl.rpush(PREFIX + "log:" + payment, json.dumps(
             {"task": task_id, "pid": os.getpid(), "commands": names, "keys": list(keys)}))
+        _fresh()["read_step"] = None
         if ctl.exists(PREFIX + "lockstep:" + payment):
-            self._rendezvous(ctl, payment, task_id)
+            self._rendezvous(ctl, payment, task_id, any(self._is_write(n) for n in names))
 
-    def _rendezvous(self, ctl, payment: str, task_id: str) -> None:
-        steps = _fresh()["steps"]
-        n = steps[task_id] = steps.get(task_id, 0) + 1
+    def _rendezvous(self, ctl, payment: str, task_id: str, writes: bool) -> None:
+        st = _fresh()
+        n = st["steps"][task_id] = st["steps"].get(task_id, 0) + 1
         key = f"{PREFIX}lockstep:{payment}:{n}"
+        if not writes:  # registered before arriving: a writer that sees both here knows
+            ctl.sadd(key + ":readers", task_id)
+            st["read_step"] = key
         here = ctl.incr(key)
         deadline = time.monotonic() + (FIRST_WAIT if n == 1 else NEXT_WAIT)
         while here < 2 and time.monotonic() < deadline:
             time.sleep(0.002)
             here = int(ctl.get(key) or 0)
-        if here >= 2:
-            ctl.sadd(f"{PREFIX}met:{payment}", n)
+        if here < 2:
+            return
+        ctl.sadd(f"{PREFIX}met:{payment}", n)
+        if writes and ctl.scard(key + ":readers"):  # the twin reads here: its read goes first
+            deadline = time.monotonic() + NEXT_WAIT
+            while not ctl.exists(key + ":read") and time.monotonic() < deadline:
+                time.sleep(0.002)
 
     def _after(self, job, names: list[str], keys=()) -> None:
         if not any(self._is_write(n) for n in names):
+            if _fresh()["read_step"]:  # a lockstep read has run: the twin's write may go
+                self._control().set(_fresh()["read_step"] + ":read", 1)
             return
         payment, task_id = job
         ctl = self._control()

@@ -91,6 +91,14 @@ return redis.call('HINCRBY', KEYS[2], ARGV[3], ARGV[1])
             pipe.set(f"payment:{payment_id}", 1, ex=7 * 24 * 3600)
             pipe.hincrby("balances", account, amount_cents)
             pipe.execute()""")],
+    # crash-safe (a redelivery finds the count above 1 and the mark unset), but two copies
+    # side by side: the second reads "not paid" before the first's transaction
+    "INCR deliveries, credit if first or not paid": [(CREDIT, """n = db.incr(f"deliveries:{payment_id}")
+    if n == 1 or not db.get(f"payment:{payment_id}"):
+        with db.pipeline(transaction=True) as pipe:
+            pipe.set(f"payment:{payment_id}", 1, ex=7 * 24 * 3600)
+            pipe.hincrby("balances", account, amount_cents)
+            pipe.execute()""")],
     # race-safe (a duplicate takes its credit back), but a crash between the two writes is not
     "HINCRBY, then SET NX (undo if taken)": [(CREDIT, """db.hincrby("balances", account, amount_cents)
     if not db.set(f"payment:{payment_id}", 1, nx=True, ex=7 * 24 * 3600):
@@ -223,6 +231,7 @@ def lab04_module(variant: str) -> str:
     ("keyed by task id", "the client sent pay-E twice"),
     ("GET, then HINCRBY, then SET", "acct-F holds 120.*both copies credited it"),
     ("GET, then MULTI/EXEC of SET + HINCRBY", "acct-F holds 120.*both copies credited it"),
+    ("INCR deliveries, credit if first or not paid", "acct-F holds 120.*both copies credited it"),
     ("SET NX, then HINCRBY", r"pay-H1 was lost.*write #1 \(SET\).*ran again and was not credited"),
     ("HINCRBY, then SET NX (undo if taken)",
      r"acct-H1 holds \d+.*credited (twice|\d times).*write #1 \(HINCRBY\)"),
