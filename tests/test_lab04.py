@@ -1,5 +1,5 @@
 """Lab 4 (exactly-once payments): the checker accepts right answers and rejects wrong ones,
-with a busy-loop process running beside it.
+with a busy-loop process beside the solution (the soak: beside all of it).
 
 Every variant is the solution's task module with a few exact replacements (each one asserted to
 apply), so a change to the solution cannot silently turn a wrong answer into the solution.

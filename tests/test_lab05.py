@@ -1,5 +1,5 @@
 """Lab 5 (retries and dead letters): the checker accepts right answers and rejects wrong ones,
-with a busy-loop process running beside it.
+with a busy-loop process beside the solution (the soak: beside all of it).
 
 Variants rejected by the static part of the check (import, cap, retry budget) fail before any
 worker starts; the others run the whole live check (a worker, real retries that wait real seconds).

@@ -1,5 +1,5 @@
 """Lab 6 (prefetch settings): the checker accepts right answers and rejects wrong ones, with a
-busy-loop process running beside it."""
+busy-loop process beside the solution (the soak: beside all of it)."""
 
 from __future__ import annotations
 
