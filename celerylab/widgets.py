@@ -44,30 +44,31 @@ def reported(out, fn, r=None):
     (not in JupyterLab's log console); with ``r``, a broker that no longer answers is reported at
     once, with the way to restart it, instead of Celery's long reconnection attempts."""
 
-    def say(text: str) -> None:
-        # Through the output's context, as the callbacks write: the browser then applies the
-        # clear and the text in order. (Mixing in `out.append_stdout`, a state sent from the
-        # kernel, raced the browser's own copy of the cleared output: under load the control
-        # was left empty.)
-        out.clear_output()
-        if _in_kernel():
-            with out:
-                print(text)
-        else:  # plain Python (a script, the unit tests): no browser, the state is the output
-            out.append_stdout(text + "\n")
-
     @functools.wraps(fn)
     def run(*args):
         if r is not None and not answers(now_redis(r)):
-            return say(STOPPED)
+            return show(out, STOPPED)
         try:
             from celerylab.stack import check_names
             check_names(_globals_read(fn), then="press again")
             return fn(*args)
         except Exception as exc:
             from celerylab.errors import CourseError
-            say(str(exc) if isinstance(exc, CourseError) else f"{type(exc).__name__}: {exc}")
+            show(out, str(exc) if isinstance(exc, CourseError) else f"{type(exc).__name__}: {exc}")
     return run
+
+
+def show(out, text: str) -> None:
+    """Replace what ``out`` shows with ``text``. In a kernel, through the output's context, as
+    the callbacks write: the browser applies the clear and the text in order. (Mixing in
+    ``out.append_stdout``, a state sent from the kernel, raced the browser's own copy of the
+    cleared output: under load a control was left empty.)"""
+    out.clear_output()
+    if _in_kernel():
+        with out:
+            print(text)
+    else:  # plain Python (a script, the unit tests): no browser, the state is the output
+        out.append_stdout(text + "\n")
 
 
 def _in_kernel() -> bool:
@@ -127,23 +128,15 @@ def queue_explorer(task, r, queue: str = "celery"):
     send, empty = w.Button(description="send"), w.Button(description="purge queue")
     out = w.Output()
 
-    def show(text: str) -> None:
-        out.clear_output()
-        if _in_kernel():
-            with out:
-                print(text)
-        else:  # plain Python (a script, the unit tests): no browser, the state is the output
-            out.append_stdout(text + "\n")
-
     def on_send(_):
         report = send_and_inspect(now_task(task), now_redis(r), count.value, queue)
-        show(f"sent {report['sent']}; LLEN {queue} = {report['depth']}\n"
+        show(out, f"sent {report['sent']}; LLEN {queue} = {report['depth']}\n"
              f"next out (right end, LINDEX -1): {report['oldest id']}\n"
              f"last in  (left end,  LINDEX 0):  {report['newest id']}")
 
     send.on_click(reported(out, on_send, r))
-    empty.on_click(reported(out, lambda _: show(f"deleted {purge(now_redis(r), queue)} messages "
-                                                  f"from {queue!r}"), r))
+    empty.on_click(reported(out, lambda _: show(
+        out, f"deleted {purge(now_redis(r), queue)} messages from {queue!r}"), r))
     return w.VBox([w.HBox([count, send, empty]), out])
 
 
