@@ -13,6 +13,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from sidebyside import judge_here  # noqa: E402
+
 import celerylab.checks.common  # noqa: E402
 
 # Tests call checkers directly and retry a too-busy verdict themselves (expect_verdict); the
@@ -139,6 +141,93 @@ def expect_verdict(check, *args, hint: str | None = None, tries: int = 3):
                 pytest.fail(f"a wrong answer was accepted (expected a hint matching {hint!r})")
             return
     pytest.skip(f"the machine was too busy to judge {tries} times in a row")
+
+
+# --- answers judged side by side ----------------------------------------------------------------
+# A lab's live check mostly waits (retry countdowns, crashes, a stalled queue): lab 5's module used
+# 10% of this machine's two cores run one answer after another. So a lab's answers are judged K at a
+# time, each in a process of its own with its own Redis, worker(s) and folder: exactly the check a
+# learner runs, beside other checks instead of after them. Each answer is still its own test item.
+# The lab's solution stays in its test's own turn, beside the busy loop (fixture hog).
+# CELERYLAB_SIDE_BY_SIDE=1: one after another, in the test's own turn (as before).
+SIDE_BY_SIDE = int(os.environ.get("CELERYLAB_SIDE_BY_SIDE", "4"))
+
+
+@pytest.fixture(scope="module")
+def side_by_side(request):
+    """The verdicts of this module's answers that are judged side by side, by test item id.
+
+    Gathers the module's collected items whose test asks for ``verdict`` (so ``-k`` runs only
+    what it selects), leaves out the solution's (judged in its own turn, beside the busy loop),
+    and judges the rest SIDE_BY_SIDE at a time, each in a fresh process."""
+    import concurrent.futures
+    import multiprocessing
+    judge = getattr(request.module, "JUDGE", "judge")
+    items = [i for i in request.session.items
+             if i.module is request.module and "verdict" in getattr(i, "fixturenames", ())
+             and not alone(i)]
+    if SIDE_BY_SIDE <= 1 or not items:
+        return {}
+    # each answer's process is a fork of a server that imported what the checks need once (not
+    # a second of imports each), and has none of pytest's threads; it finds the tests by PYTHONPATH
+    # (a fork server ignores sys.path on Python 3.11), set only while it starts
+    from multiprocessing import forkserver
+    ctx = multiprocessing.get_context("forkserver")
+    forkserver.set_forkserver_preload(
+        ["sidebyside", "celerylab.stack", "celerylab.checks", "celery.app.control",
+         *sorted(p.stem for p in (ROOT / "tests").glob("test_lab0*.py"))])
+    before = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests"), str(ROOT)])
+    try:
+        forkserver.ensure_running()
+    finally:
+        if before is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = before
+    with concurrent.futures.ProcessPoolExecutor(SIDE_BY_SIDE, mp_context=ctx,
+                                                max_tasks_per_child=1) as pool:
+        futures = {i.nodeid: pool.submit(judge_here, request.module.__name__, judge,
+                                         getattr(getattr(i, "callspec", None), "params", {}))
+                   for i in items}
+        return {nodeid: f.result() for nodeid, f in futures.items()}
+
+
+def alone(item) -> bool:
+    """Judged in its own turn: the lab's solution (beside the busy loop), or every answer when
+    the busy loop runs beside right answers or all of them (CELERYLAB_HOG=right/all)."""
+    mode = os.environ.get("CELERYLAB_HOG", "solution")
+    return "solution" in item.name or (mode == "right" and right_answer(item)) or mode == "all"
+
+
+@pytest.fixture
+def verdict(request, side_by_side, hog):
+    """This test's answer's verdict: judged side by side with the module's others, or now."""
+    found = side_by_side.get(request.node.nodeid)
+    if found is None:
+        judge = getattr(request.module, "JUDGE", "judge")
+        params = getattr(getattr(request.node, "callspec", None), "params", {})
+        found = judge_here(request.module.__name__, judge, params)
+    return found
+
+
+def assert_verdict(verdict: tuple[str, str], hint: str | None) -> str:
+    """A right answer (``hint=None``) passed; a wrong one failed with a hint matching ``hint``.
+    Returns what the check printed or said."""
+    import re
+    kind, text = verdict
+    if kind == "error":
+        pytest.fail(f"the test's judge raised:\n{text}")
+    if kind == "busy":
+        pytest.skip(f"the machine was too busy to judge, three times in a row (last: {text})")
+    if hint is None:
+        if kind == "fail":
+            pytest.fail(f"a right answer was rejected: {text}")
+    else:
+        if kind == "pass":
+            pytest.fail(f"a wrong answer was accepted (expected a hint matching {hint!r})")
+        assert re.search(hint, text), f"expected a hint matching {hint!r}, got: {text}"
+    return text
 
 
 def open_course(**env):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import nbformat
 import pytest
-from conftest import ROOT, expect_verdict
+from conftest import ROOT, assert_verdict
 
 from celerylab.checks import check_lab04
 
@@ -214,6 +214,12 @@ def lab04_module(variant: str) -> str:
     return code
 
 
+def judge(stack, folder, variant, **_):
+    """One answer's live check (conftest.judge_here)."""
+    (folder / "lab04_tasks.py").write_text(lab04_module(variant))
+    check_lab04(stack)
+
+
 @pytest.mark.parametrize("variant, hint", [
     ("solution", None),
     ("watch-multi + retry on worker lost", None),
@@ -262,15 +268,10 @@ def lab04_module(variant: str) -> str:
                      "data is invisible to it (the lab text says how long to remember)"))),
     ("a client of its own", "pay-F sent no command through the module's `db`"),
 ])
-def test_lab04_checker(stack, tmp_path, monkeypatch, capsys, variant, hint):
-    (tmp_path / "lab04_tasks.py").write_text(lab04_module(variant))
-    monkeypatch.chdir(tmp_path)
+def test_lab04_checker(verdict, variant, hint):
+    out = assert_verdict(verdict, hint)
     if hint is None:
-        expect_verdict(check_lab04, stack)
-        out = capsys.readouterr().out
         assert "Lab 4 passed" in out
         assert "lockstep: credited once" in out and "killed right after" in out
         if variant == "7 audit writes, then the script":
             assert "makes 8 writes: the checker tried the first 6 only" in out
-    else:
-        expect_verdict(check_lab04, stack, hint=hint)

@@ -11,7 +11,7 @@ import json
 
 import nbformat
 import pytest
-from conftest import ROOT, solution_function
+from conftest import ROOT, assert_verdict, solution_function
 
 from celerylab.checks import LabCheckFailed, MachineTooBusy, check_lab05
 from celerylab.workers import Worker
@@ -158,6 +158,12 @@ def lab05(stack, tmp_path, monkeypatch):
 SOLUTION_REPLAY = "solution"
 
 
+def judge(stack, folder, changes=(), replay=SOLUTION_REPLAY, **_):
+    """One answer's live check (conftest.judge_here): its task module, its replay."""
+    (folder / "lab05_tasks.py").write_text(module_code(changes=changes))
+    check_lab05(replay_named(replay), stack)
+
+
 def replay_named(name: str):
     if name == SOLUTION_REPLAY:
         return solution_function(LAB, "replay_dead_letters")
@@ -169,10 +175,8 @@ def replay_named(name: str):
     ((), "replay_original_id"),
     (UNUSUAL_POLICY, "replay_lpop"),
 ], ids=["solution", "replay-with-original-id", "factor2-cap4-rpush-lpop"])
-def test_lab05_accepts(lab05, capsys, changes, replay):
-    stack = lab05(module_code(changes=changes))
-    run_check(replay_named(replay), stack)
-    out = capsys.readouterr().out
+def test_lab05_accepts(verdict, changes, replay):
+    out = assert_verdict(verdict, None)
     assert "Lab 5 passed" in out
     assert "grow from retry to retry" in out
 
@@ -255,7 +259,5 @@ BASE = Stretched
         "letters-on-retry", "replay-drops-kwargs", "replay-first-arg-only", "replay-newest-first",
         "replay-returns-count", "replay-drops-a-letter", "replay-results-reversed",
         "replay-stub"])
-def test_lab05_rejects(lab05, changes, replay, hint):
-    stack = lab05(module_code(changes=changes))
-    with pytest.raises(LabCheckFailed, match=hint):
-        run_check(replay_named(replay), stack)
+def test_lab05_rejects(verdict, changes, replay, hint):
+    assert_verdict(verdict, hint)
