@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import nbformat
 import pytest
-from conftest import ROOT, expect_verdict
+from conftest import ROOT, assert_verdict, expect_verdict
 
 from celerylab.checks import (
     LabCheckFailed,
@@ -71,38 +71,56 @@ def test_shop_v1_is_the_same_in_chapter_8_and_lab_8():
 
 
 # --- the final check ---------------------------------------------------------------------------
-def test_final_check_accepts_the_solution(lab08, stack, capsys):
-    expect_verdict(check_lab08, WATCH, NOTE, stack)
-    out = capsys.readouterr().out
+def judge(stack, folder, changes=(), step="final", watch=None, note=None, double_charge=None,
+          **_):
+    """One answer's live check (conftest.judge_here): shop_v1.py, a shop_tasks.py variant, and
+    the final check (the solution's WATCH and NOTE where not given), step 2's or step 1's (the
+    solution's tests, one replaced)."""
+    (folder / "shop_v1.py").write_text(module_code("shop_v1"))
+    (folder / "shop_tasks.py").write_text(module_code("shop_tasks", changes=changes))
+    if step == "contracts":
+        check_lab08_contracts(stack)
+    elif step == "tests":
+        check_lab08_tests({**TESTS, "double_charge": STEP1[double_charge]}, stack)
+    else:
+        check_lab08(watch or WATCH, note or NOTE, stack)
+
+
+def test_final_check_accepts_the_solution(verdict):
+    out = assert_verdict(verdict, None)
     assert "Lab 8 passed" in out and "no double charge" in out
 
 
-def test_final_check_accepts_unusual_answers(lab08, stack):
-    """A hand-written retry (self.retry with a capped countdown) instead of autoretry, the order id
-    itself as the provider's key, 5.7's retry_on_worker_lost instead of reject, and another split
-    of the process budget."""
-    lab08([
-        ("@app.task(autoretry_for=(PaymentUnavailable,), retry_backoff=1, retry_backoff_max=4,\n"
-         "          retry_jitter=True, max_retries=3)\ndef place_order(order):",
-         "@app.task(bind=True, max_retries=3, default_retry_delay=1)\n"
-         "def place_order(self, order):"),
-        ("    payments.charge(order[\"id\"], order[\"total_cents\"], idempotency_key=f\"order:{order['id']}\")",
-         "    try:\n"
-         "        payments.charge(order[\"id\"], order[\"total_cents\"], idempotency_key=order[\"id\"])\n"
-         "    except PaymentUnavailable as exc:\n"
-         "        raise self.retry(exc=exc, countdown=min(4, 2 ** self.request.retries))"),
-        ("task_reject_on_worker_lost=True", "task_retry_on_worker_lost=True"),
-        ('"checkout": {"queues": ["checkout"], "concurrency": 2}',
-         '"checkout": {"queues": ["checkout"], "concurrency": 3}'),
-        ('"email": {"queues": ["email"], "concurrency": 2}',
-         '"mail": {"queues": ["email"], "concurrency": 1}'),
-        ('    task_routes={"shop_tasks.send_receipt": {"queue": "email"}},  # slow: apart\n', ""),
-        ("@app.task\ndef send_receipt", '@app.task(queue="email")  # routed on the task itself\n'
-         "def send_receipt"),
-    ])
-    note = NOTE.replace("task_reject_on_worker_lost", "task_retry_on_worker_lost").replace(
-        "task_routes sending send_receipt", "send_receipt's queue option sending it")
-    expect_verdict(check_lab08, WATCH, note, stack)
+# A hand-written retry (self.retry with a capped countdown) instead of autoretry, the order id
+# itself as the provider's key, 5.7's retry_on_worker_lost instead of reject, and another split
+# of the process budget.
+UNUSUAL = [
+    ("@app.task(autoretry_for=(PaymentUnavailable,), retry_backoff=1, retry_backoff_max=4,\n"
+     "          retry_jitter=True, max_retries=3)\ndef place_order(order):",
+     "@app.task(bind=True, max_retries=3, default_retry_delay=1)\n"
+     "def place_order(self, order):"),
+    ("    payments.charge(order[\"id\"], order[\"total_cents\"], idempotency_key=f\"order:{order['id']}\")",
+     "    try:\n"
+     "        payments.charge(order[\"id\"], order[\"total_cents\"], idempotency_key=order[\"id\"])\n"
+     "    except PaymentUnavailable as exc:\n"
+     "        raise self.retry(exc=exc, countdown=min(4, 2 ** self.request.retries))"),
+    ("task_reject_on_worker_lost=True", "task_retry_on_worker_lost=True"),
+    ('"checkout": {"queues": ["checkout"], "concurrency": 2}',
+     '"checkout": {"queues": ["checkout"], "concurrency": 3}'),
+    ('"email": {"queues": ["email"], "concurrency": 2}',
+     '"mail": {"queues": ["email"], "concurrency": 1}'),
+    ('    task_routes={"shop_tasks.send_receipt": {"queue": "email"}},  # slow: apart\n', ""),
+    ("@app.task\ndef send_receipt", '@app.task(queue="email")  # routed on the task itself\n'
+     "def send_receipt"),
+]
+UNUSUAL_NOTE = NOTE.replace("task_reject_on_worker_lost", "task_retry_on_worker_lost").replace(
+    "task_routes sending send_receipt", "send_receipt's queue option sending it")
+
+
+@pytest.mark.parametrize("changes, note", [(UNUSUAL, UNUSUAL_NOTE)],
+                         ids=["self-retry-order-key-retry-on-lost-routed-on-task"])
+def test_final_check_accepts_unusual_answers(verdict, changes, note):
+    assert "Lab 8 passed" in assert_verdict(verdict, None)
 
 
 def test_final_check_rejects_the_shipped_flow(lab08, stack):
@@ -141,14 +159,15 @@ def test_final_check_rejects_the_shipped_flow(lab08, stack):
                  r"Order precharge-\d+ was lost: it was marked paid and never charged",
                  id="flag-before-the-charge"),
 ])
-def test_final_check_rejects_partial_fixes(lab08, stack, changes, hint):
-    lab08(changes)
-    expect_verdict(check_lab08, WATCH, NOTE, stack, hint=hint)
+def test_final_check_rejects_partial_fixes(verdict, changes, hint):
+    assert_verdict(verdict, hint)
 
 
-def test_final_check_rejects_an_alert_that_never_fires(lab08, stack):
-    watch = {**WATCH, "alert": {**WATCH["alert"], "above": 8.0}}
-    expect_verdict(check_lab08, watch, NOTE, stack, hint=r"stalled for .* did not fire")
+@pytest.mark.parametrize("watch, hint", [
+    ({**WATCH, "alert": {**WATCH["alert"], "above": 8.0}}, r"stalled for .* did not fire"),
+], ids=["above-8-s"])
+def test_final_check_rejects_an_alert_that_never_fires(verdict, watch, hint):
+    assert_verdict(verdict, hint)
 
 
 @pytest.mark.parametrize("changes, hint", [
@@ -178,27 +197,29 @@ def test_step1_accepts_the_solution_tests(lab08, stack):
     expect_verdict(check_lab08_tests, TESTS, stack)
 
 
-def test_step1_rejects_a_test_that_cannot_fail(lab08, stack):
-    def vacuous(shop):
-        order = shop.place_while_worker_crashes()
-        assert shop.charges(order) >= 1
-
-    expect_verdict(check_lab08_tests, {**TESTS, "double_charge": vacuous}, stack,
-                   hint="also passes when nothing goes wrong")
+def vacuous(shop):
+    order = shop.place_while_worker_crashes()
+    assert shop.charges(order) >= 1
 
 
-def test_step1_rejects_a_test_that_does_not_reproduce_its_incident(lab08, stack):
-    def wrong(shop):
-        order = shop.place_with_flaky_payments()
-        assert shop.charges(order) == 2  # flaky payments never charge twice in shop_v1
-
-    expect_verdict(check_lab08_tests, {**TESTS, "double_charge": wrong}, stack,
-                   hint="On the shipped flow .* failed: its assertion failed")
+def reproduces_nothing(shop):
+    order = shop.place_with_flaky_payments()
+    assert shop.charges(order) == 2  # flaky payments never charge twice in shop_v1
 
 
-def test_step1_rejects_a_test_of_another_incident(lab08, stack):
-    expect_verdict(check_lab08_tests, {**TESTS, "double_charge": TESTS["silent_poison"]}, stack,
-                   hint="reproduces another one")
+STEP1 = {"cannot-fail": vacuous, "does-not-reproduce": reproduces_nothing,
+         "another-incident": TESTS["silent_poison"]}
+
+
+@pytest.mark.parametrize("double_charge, hint", [
+    ("cannot-fail", "also passes when nothing goes wrong"),
+    ("does-not-reproduce", "On the shipped flow .* failed: its assertion failed"),
+    ("another-incident", "reproduces another one"),
+], ids=["a-test-that-cannot-fail", "a-test-that-does-not-reproduce-its-incident",
+        "a-test-of-another-incident"])
+@pytest.mark.parametrize("step", ["tests"])
+def test_step1_rejects(verdict, double_charge, hint, step):
+    assert_verdict(verdict, hint)
 
 
 def test_step1_rejects_missing_tests_and_stubs(lab08, stack):
@@ -268,9 +289,9 @@ def test_step2_static_rejections(lab08, stack, changes, hint):
                    "        raise self.retry(exc=exc, countdown=1)")],
                  "the same pace each time", id="fixed-pace-by-hand"),
 ])
-def test_step2_live_rejections(lab08, stack, changes, hint):
-    lab08(changes)
-    expect_verdict(check_lab08_contracts, stack, hint=hint)
+@pytest.mark.parametrize("step", ["contracts"])
+def test_step2_live_rejections(verdict, changes, hint, step):
+    assert_verdict(verdict, hint)
 
 
 # --- step 3 ------------------------------------------------------------------------------------
