@@ -4,9 +4,9 @@ with a busy-loop process beside the solution (the soak: beside all of it)."""
 from __future__ import annotations
 
 import pytest
-from conftest import solution_function
+from conftest import assert_verdict, solution_function
 
-from celerylab.checks import LabCheckFailed, check_lab03
+from celerylab.checks import check_lab03
 
 pytestmark = pytest.mark.usefixtures("hog")
 
@@ -15,49 +15,57 @@ FAST, SLOW, BULKY = ("celerylab.workloads.lookup", "celerylab.workloads.render_r
                      "celerylab.workloads.import_catalog")
 
 
-def test_lab03_checker_accepts_the_solution(stack, capsys):
-    check_lab03(solution_function("lab03_routing_layout", "routing_plan"), stack)
-    assert "Lab 3 passed" in capsys.readouterr().out
+def judge(stack, folder, plan="solution", **_):
+    """One answer's live check (conftest.judge_here): the solution's routing_plan, a plan, or
+    None for the unwritten stub."""
+    if plan == "solution":
+        routing_plan = solution_function("lab03_routing_layout", "routing_plan")
+    else:
+        def routing_plan():
+            if plan is None:
+                raise NotImplementedError
+            return plan
+    check_lab03(routing_plan, stack)
+
+
+def test_lab03_checker_accepts_the_solution(verdict):
+    assert "Lab 3 passed" in assert_verdict(verdict, None)
 
 
 def _plan(routes, *workers):
     return {"routes": routes, "workers": list(workers)}
 
 
+def route_by_name(name, *args, **kwargs):
+    return {"queue": name.split(".")[3]}
+
+
 ONE_QUEUE = {FAST: {"queue": "work"}, SLOW: {"queue": "work"}, BULKY: {"queue": "work"}}
 SEPARATE = {FAST: {"queue": "fast"}, SLOW: {"queue": "slow"}, BULKY: {"queue": "bulky"}}
 
 
-def test_lab03_checker_accepts_an_unusual_right_plan(stack, capsys):
-    """Glob routes, a threads pool for the lookups, another split of the budget."""
-    plan = _plan({FAST: {"queue": "fast"}, "celerylab.workloads.render_*": {"queue": "reports"},
-                  "celerylab.workloads.import_*": {"queue": "imports"}},
-                 {"queues": ["fast"], "concurrency": 2, "pool": "threads"},
-                 {"queues": ["reports"], "concurrency": 3},
-                 {"queues": ["imports"], "concurrency": 1, "max_memory_per_child": 100 * 1024})
-    check_lab03(lambda: plan, stack)
-    assert "Lab 3 passed" in capsys.readouterr().out
-
-
-def test_lab03_checker_accepts_a_fresh_child_per_task(stack, capsys):
-    """Celery's other recycling flag: --max-tasks-per-child 1 on the imports' worker."""
-    plan = _plan(SEPARATE, {"queues": ["fast"], "concurrency": 1},
-                 {"queues": ["slow"], "concurrency": 4},
-                 {"queues": ["bulky"], "concurrency": 1, "max_tasks_per_child": 1})
-    check_lab03(lambda: plan, stack)
-    assert "Lab 3 passed" in capsys.readouterr().out
-
-
-def test_lab03_checker_accepts_exchange_routes_and_default_names(stack, capsys):
-    """Routes by exchange and routing key (Celery declares `-Q fast` with an exchange and a routing
-    key of that name), and a learner's name that looks like a default one."""
-    plan = _plan({FAST: {"exchange": "fast", "routing_key": "fast"},
-                  SLOW: {"exchange": "bulk", "routing_key": "bulk"},
-                  BULKY: {"exchange": "bulk", "routing_key": "bulk"}},
-                 {"queues": ["fast"], "concurrency": 2, "pool": "threads", "name": "lab03-1"},
-                 {"queues": ["bulk"], "concurrency": 4, "max_memory_per_child": 100 * 1024})
-    check_lab03(lambda: plan, stack)
-    assert "Lab 3 passed" in capsys.readouterr().out
+@pytest.mark.parametrize("plan", [
+    # glob routes, a threads pool for the lookups, another split of the budget
+    _plan({FAST: {"queue": "fast"}, "celerylab.workloads.render_*": {"queue": "reports"},
+           "celerylab.workloads.import_*": {"queue": "imports"}},
+          {"queues": ["fast"], "concurrency": 2, "pool": "threads"},
+          {"queues": ["reports"], "concurrency": 3},
+          {"queues": ["imports"], "concurrency": 1, "max_memory_per_child": 100 * 1024}),
+    # Celery's other recycling flag: --max-tasks-per-child 1 on the imports' worker
+    _plan(SEPARATE, {"queues": ["fast"], "concurrency": 1},
+          {"queues": ["slow"], "concurrency": 4},
+          {"queues": ["bulky"], "concurrency": 1, "max_tasks_per_child": 1}),
+    # routes by exchange and routing key (Celery declares `-Q fast` with an exchange and a
+    # routing key of that name), and a learner's name that looks like a default one
+    _plan({FAST: {"exchange": "fast", "routing_key": "fast"},
+           SLOW: {"exchange": "bulk", "routing_key": "bulk"},
+           BULKY: {"exchange": "bulk", "routing_key": "bulk"}},
+          {"queues": ["fast"], "concurrency": 2, "pool": "threads", "name": "lab03-1"},
+          {"queues": ["bulk"], "concurrency": 4, "max_memory_per_child": 100 * 1024}),
+], ids=["globs-threads-another-split", "a-fresh-child-per-task",
+        "exchange-routes-and-default-names"])
+def test_lab03_checker_accepts_unusual_plans(verdict, plan):
+    assert "Lab 3 passed" in assert_verdict(verdict, None)
 
 
 @pytest.mark.parametrize("plan, hint", [
@@ -101,15 +109,8 @@ def test_lab03_checker_accepts_exchange_routes_and_default_names(stack, capsys):
             "max_memory_per_child": 100 * 1024}), "main process"),
     (_plan(SEPARATE, {"queues": "fast", "concurrency": 1}, {"queues": ["slow"], "concurrency": 4},
            {"queues": ["bulky"], "concurrency": 1}), "list of queue names"),
-    (_plan([lambda name, *a, **k: {"queue": name.split(".")[3]}], {"queues": ["fast"],
-                                                                     "concurrency": 1}),
+    (_plan([route_by_name], {"queues": ["fast"], "concurrency": 1}),
      "could not apply your routes"),
 ])
-def test_lab03_checker_rejects_wrong_plans(stack, plan, hint):
-    def routing_plan():
-        if plan is None:
-            raise NotImplementedError
-        return plan
-
-    with pytest.raises(LabCheckFailed, match=hint):
-        check_lab03(routing_plan, stack)
+def test_lab03_checker_rejects_wrong_plans(verdict, plan, hint):
+    assert_verdict(verdict, hint)
