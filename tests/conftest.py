@@ -162,9 +162,9 @@ def side_by_side(request):
     and judges the rest SIDE_BY_SIDE at a time, each in a fresh process."""
     import concurrent.futures
     import multiprocessing
-    judge = getattr(request.module, "JUDGE", "judge")
     items = [i for i in request.session.items
-             if i.module is request.module and "verdict" in getattr(i, "fixturenames", ())
+             if getattr(i, "module", None) is request.module
+             and "verdict" in getattr(i, "fixturenames", ())
              and not alone(i)]
     if SIDE_BY_SIDE <= 1 or not items:
         return {}
@@ -187,10 +187,18 @@ def side_by_side(request):
             os.environ["PYTHONPATH"] = before
     with concurrent.futures.ProcessPoolExecutor(SIDE_BY_SIDE, mp_context=ctx,
                                                 max_tasks_per_child=1) as pool:
-        futures = {i.nodeid: pool.submit(judge_here, request.module.__name__, judge,
+        futures = {i.nodeid: pool.submit(judge_here, request.module.__name__, "judge",
                                          getattr(getattr(i, "callspec", None), "params", {}))
                    for i in items}
         return {nodeid: f.result() for nodeid, f in futures.items()}
+
+
+def pytest_collection_modifyitems(items):
+    """The first answer judged side by side also waits for the others (the batch runs in its
+    set-up): a time-out for the whole batch, not one check."""
+    for item in items:
+        if "verdict" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.timeout(900))
 
 
 def alone(item) -> bool:
@@ -205,9 +213,8 @@ def verdict(request, side_by_side, hog):
     """This test's answer's verdict: judged side by side with the module's others, or now."""
     found = side_by_side.get(request.node.nodeid)
     if found is None:
-        judge = getattr(request.module, "JUDGE", "judge")
-        params = getattr(getattr(request.node, "callspec", None), "params", {})
-        found = judge_here(request.module.__name__, judge, params)
+            params = getattr(getattr(request.node, "callspec", None), "params", {})
+        found = judge_here(request.module.__name__, "judge", params)
     return found
 
 

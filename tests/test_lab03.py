@@ -1,5 +1,6 @@
 """Lab 3 (routes and layout): the checker accepts right answers and rejects wrong ones,
-with a busy-loop process beside the solution (the soak: beside all of it)."""
+with a busy-loop process beside the solution and the other answers judged side by side
+(conftest.side_by_side; the soak: beside all of it)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """Lab 4 (exactly-once payments): the checker accepts right answers and rejects wrong ones,
-with a busy-loop process beside the solution (the soak: beside all of it).
+with a busy-loop process beside the solution and the other answers judged side by side
+(conftest.side_by_side; the soak: beside all of it).
 
 Every variant is the solution's task module with a few exact replacements (each one asserted to
 apply), so a change to the solution cannot silently turn a wrong answer into the solution.

@@ -1,5 +1,6 @@
 """Lab 5 (retries and dead letters): the checker accepts right answers and rejects wrong ones,
-with a busy-loop process beside the solution (the soak: beside all of it).
+with a busy-loop process beside the solution and the other answers judged side by side
+(conftest.side_by_side; the soak: beside all of it).
 
 Variants rejected by the static part of the check (import, cap, retry budget) fail before any
 worker starts; the others run the whole live check (a worker, real retries that wait real seconds).

@@ -1,5 +1,6 @@
 """Lab 7 (lag sampler and alert): the checker accepts right answers and rejects wrong ones,
-with a busy-loop process beside the solution (the soak: beside all of it).
+with a busy-loop process beside the solution and the other answers judged side by side
+(conftest.side_by_side; the soak: beside all of it).
 
 Sampler variants are judged before any worker starts; alert variants run the live check (three
 queues, a burst, a worker frozen with SIGSTOP and a second one added: about 20 s each)."""

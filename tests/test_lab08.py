@@ -1,6 +1,7 @@
 """Lab 8 (the capstone): each step's checker and the final check accept the solution and reject
 the shipped flow, the unsolved lab and partial fixes of different kinds, each with a hint that
-names the symptom; a busy-loop process beside the solution (the soak: beside all of it).
+names the symptom; a busy-loop process beside the solution, the other live answers judged
+side by side (conftest.side_by_side; the soak: beside all of it).
 
 Static rejections (settings, routes, the watch's shape, the note) fail before any worker starts;
 the others run the live chaos run (about 20 s each).
