@@ -213,7 +213,7 @@ def verdict(request, side_by_side, hog):
     """This test's answer's verdict: judged side by side with the module's others, or now."""
     found = side_by_side.get(request.node.nodeid)
     if found is None:
-            params = getattr(getattr(request.node, "callspec", None), "params", {})
+        params = getattr(getattr(request.node, "callspec", None), "params", {})
         found = judge_here(request.module.__name__, "judge", params)
     return found
 
