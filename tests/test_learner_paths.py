@@ -57,6 +57,18 @@ def test_a_setup_cell_run_again_then_the_cells_after_it(tmp_path):
         text_of(cells[4])
 
 
+def test_a_result_of_the_old_stack_let_go_on_a_second_run(tmp_path):
+    """Run All twice: the second run's ``sent = ....delay()`` drops the first run's AsyncResult,
+    whose Redis is gone. Its unsubscribe must not reach for that Redis (celery retries ~19 s, then
+    prints "Retry limit exceeded" into the cell)."""
+    (tmp_path / "paths_tasks.py").write_text(TASKS.format(name="paths_tasks"))
+    send = "import paths_tasks\nsent = [paths_tasks.add.delay(1, 2) for _ in range(3)]\nprint('sent')"
+    cells = run_cells(tmp_path, SETUP, send, SETUP, send, "stack.stop()")
+    said = text_of(cells[3])
+    assert not any(errors_of(c) for c in cells), [text_of(c) for c in cells]
+    assert "sent" in said and "Retry limit" not in said and "Exception ignored" not in said, said
+
+
 def test_a_broker_killed_while_a_course_helper_waits(tmp_path):
     """The notebook's Redis is SIGKILLed while ``stack.wait_for`` polls it: the cell ends with the
     course's message (what died, the cell to re-run), not redis-py's traceback."""
