@@ -5,8 +5,9 @@ second run must work as well as the first. So every chapter and solution noteboo
 its cells, then its cells again ("Cell N (run 2)"), all run in the one kernel nbval starts for the
 file: the second run shares the first's kernel, so no notebook runs three times.
 
-A cell whose output shows a Python warning (a pink ``UserWarning`` box in JupyterLab) fails: a
-learner should see the course's words, not a library's noise.
+A cell whose output shows a Python warning (a pink ``UserWarning`` box in JupyterLab) or the
+traceback of an exception a library swallowed ("Exception ignored in: ...") fails: a learner
+should see the course's words, not a library's noise.
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ import re
 
 RUNS = int(os.environ.get("CELERYLAB_NOTEBOOK_RUNS", "2"))
 WARNING = re.compile(r"\b\w*Warning: .*")
+# An exception a library printed and swallowed (garbage collection, a thread): a learner sees its
+# traceback in the cell, e.g. celery's "Retry limit exceeded" from an AsyncResult's __del__.
+IGNORED = re.compile(r"Exception ignored in: .*|Exception in thread .*")
 
 
 def pytest_configure(config):
@@ -28,10 +32,16 @@ def pytest_configure(config):
             super().runtest()
             for out in self.test_outputs or []:
                 if out.get("output_type") == "stream" and out.get("name") == "stderr":
-                    found = WARNING.search(out.get("text", ""))
+                    text = out.get("text", "")
+                    found = WARNING.search(text)
                     if found:
                         self.raise_cell_error(
                             f"a warning in the cell's output (a learner sees it): {found.group(0)}")
+                    found = IGNORED.search(text)
+                    if found:
+                        self.raise_cell_error(
+                            f"a swallowed exception's traceback in the cell's output (a learner "
+                            f"sees it): {found.group(0)}\n{text[-1500:]}")
 
     def collect(self):
         cells = list(original(self))
