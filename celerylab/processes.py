@@ -8,7 +8,9 @@ group after a bound.
 from __future__ import annotations
 
 import atexit
+import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -90,6 +92,10 @@ class ProcessGroup:
     def spawn(cls, cmd: list[str], *, log: Path, env: dict | None = None, cwd: str | None = None,
               watchdog: Watchdog | None = None) -> ProcessGroup:
         log.parent.mkdir(parents=True, exist_ok=True)
+        if cmd[1:3] == ["-m", "celerylab.celery_worker"] and Launcher.wanted(cmd):
+            launched = Launcher.get().spawn(cmd, log=log, env=env, cwd=cwd)
+            if launched is not None:
+                return cls(launched, log, watchdog or Watchdog.get())
         with open(log, "ab") as out:
             popen = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out,
                                      stderr=subprocess.STDOUT, env=env, cwd=cwd,
@@ -145,6 +151,99 @@ class ProcessGroup:
         except OSError:
             return "(no log)"
         return "\n".join(text.strip().splitlines()[-lines:])
+
+
+class Launcher:
+    """The client side of ``python -m celerylab.celery_worker --serve``: a process per kernel that
+    imported celery once and forks each worker from there (see ``celerylab.celery_worker``)."""
+
+    _instance: Launcher | None = None
+    _lock = threading.Lock()
+    READY_TIMEOUT = 20.0
+
+    def __init__(self) -> None:
+        self.owner = os.getpid()
+        self.lock = threading.Lock()
+        self.ready = False
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CELERYLAB_")
+               or k in ("CELERYLAB_HOME",)}
+        log = home() / "launcher.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "ab") as err:
+            popen = subprocess.Popen(
+                [sys.executable, "-m", "celerylab.celery_worker", "--serve"], stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE, stderr=err, start_new_session=True, text=True, env=env)
+        self.group = ProcessGroup(popen, log, Watchdog.get())
+
+    @staticmethod
+    def wanted(cmd: list[str]) -> bool:
+        from celerylab.celery_worker import FORKABLE_POOLS
+        if os.environ.get("CELERYLAB_WORKER_LAUNCH", "fork") == "exec" or not hasattr(os, "fork"):
+            return False
+        pool = cmd[cmd.index("--pool") + 1] if "--pool" in cmd[:-1] else "prefork"
+        return pool in FORKABLE_POOLS
+
+    @classmethod
+    def get(cls) -> Launcher:
+        """This process's launcher, started if need be (it imports for ~1 s, in the background)."""
+        with cls._lock:
+            inst = cls._instance
+            if inst is None or inst.owner != os.getpid() or not inst.group.alive:
+                cls._instance = inst = cls()
+            return inst
+
+    def _answer(self, timeout: float) -> str:
+        out = self.group.popen.stdout
+        if not select.select([out], [], [], timeout)[0]:
+            return ""
+        return out.readline().strip()
+
+    def spawn(self, cmd: list[str], *, log: Path, env: dict | None, cwd: str | None):
+        """Fork a worker running ``cmd``; None when the launcher cannot (the caller execs)."""
+        exit_file = log.with_suffix(".exit")
+        exit_file.unlink(missing_ok=True)
+        request = json.dumps({"argv": cmd[3:], "env": dict(env if env is not None else os.environ),
+                              "cwd": str(cwd or os.getcwd()), "log": str(log),
+                              "exit": str(exit_file)})
+        with self.lock:
+            try:
+                if not self.ready:
+                    self.ready = self._answer(self.READY_TIMEOUT) == "ready"
+                    if not self.ready:
+                        raise OSError("the launcher did not start")
+                self.group.popen.stdin.write(request + "\n")
+                self.group.popen.stdin.flush()
+                pid = int(self._answer(5.0))
+            except (OSError, ValueError):
+                self.group.kill()  # broken: the next worker starts a new one; this one execs
+                return None
+        return Launched(pid, cmd, exit_file, self)
+
+
+class Launched:
+    """A worker forked by the launcher: what ``ProcessGroup`` needs of a ``Popen``. Its exit
+    status comes from the file the launcher writes when it reaps it."""
+
+    def __init__(self, pid: int, args: list[str], exit_file: Path, launcher: Launcher) -> None:
+        self.pid, self.args, self.exit_file, self.launcher = pid, args, exit_file, launcher
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            try:
+                self.returncode = int(self.exit_file.read_text())
+            except (OSError, ValueError):
+                if not self.launcher.group.alive and not pid_alive(self.pid):
+                    self.returncode = -signal.SIGKILL  # nobody left to say how it ended
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(self.args, timeout)
+            time.sleep(0.02)
+        return self.returncode
 
 
 def children_of(pid: int) -> list[int]:

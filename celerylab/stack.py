@@ -26,7 +26,7 @@ from celery import Celery
 from celerylab import recording
 from celerylab.broker import RedisServer, claim_database, redact, release_database
 from celerylab.errors import CourseError
-from celerylab.processes import Watchdog, home, stop_groups
+from celerylab.processes import Launcher, Watchdog, home, stop_groups
 from celerylab.workers import Worker
 
 _current: Stack | None = None
@@ -55,6 +55,8 @@ class Stack:
         t0 = time.monotonic()
         self.rundir.mkdir(parents=True, exist_ok=True)
         os.environ["CELERYLAB_NAMESPACE"] = self.namespace  # its processes' pid notes name it
+        if os.environ.get("CELERYLAB_WORKER_LAUNCH", "fork") != "exec":
+            Launcher.get()  # imports celery for the workers to come, while Redis starts
         if self.external:
             self.url = claim_database(os.environ["REDIS_URL"], self.namespace)
         else:
