@@ -457,6 +457,7 @@ class ChaosReport:
     attempts: dict = field(default_factory=dict)  # order id -> attempts of its place_order
     samples: list = field(default_factory=list)  # the course's lag readings (truth), all queues
     stall: tuple | None = None  # (freeze, thaw) times
+    burst_window: tuple | None = None  # (first order sent, last burst order paid) times
     drained_at: float | None = None  # when the checkout queue was empty again after the thaw
     crash_at: float | None = None  # when the crash phase began (a restarted worker may page)
     alert: dict | None = None  # the alert's rule, and its readings: [(t, firing)]
@@ -466,6 +467,12 @@ class ChaosReport:
     seconds: float = 0.0
 
     # -- derived figures
+    def longest_gap(self, window) -> float:
+        """The longest time between two of the sampler's readings (one every 0.25 s) within
+        ``window``: how long this process could not run, a same-run measure of the load."""
+        times = sorted({s.t for s in self.samples if window[0] <= s.t <= window[1]})
+        return max((b - a for a, b in zip(times, times[1:], strict=False)), default=0.0)
+
     def p95(self, ids) -> float | None:
         values = [self.latency[i] for i in ids if i in self.latency]
         return recording.percentile(values, 95) if len(values) >= 3 else None
@@ -693,6 +700,7 @@ def chaos_run(stack, module_name: str, watch: dict | None = None, phases=PHASES,
             say(f"validation: {len(report.refused)} of {len(MALFORMED)} malformed orders refused "
                 "by the producer")
         if "burst" in phases:
+            burst_start = time.time()
             faults = {3: ("flaky", 2), 7: ("declined", 1), 9: ("flaky", 1), 12: ("down", 1)}
             for i in range(20):
                 fault, times = faults.get(i, (None, 1))
@@ -712,6 +720,7 @@ def chaos_run(stack, module_name: str, watch: dict | None = None, phases=PHASES,
                 time.sleep(0.1)
             for oid in report.burst:
                 _wait_paid(r, oid, timeout=8)
+            report.burst_window = (burst_start, time.time())
             say("burst: 20 orders at 10/s (2 flaky, 1 declined, 1 provider down) and one "
                 "malformed message from a legacy client")
         if "stall" in phases:

@@ -127,6 +127,11 @@ def _become_worker(request: dict, main, base_path: list[str]) -> None:
         sys.path[:] = [request["cwd"], *extra, *(p for p in base_path if p not in extra)]
         importlib.invalidate_caches()
         sys.argv = [__file__, *request["argv"]]
+        try:  # what ps shows until Celery names the process itself
+            from setproctitle import setproctitle
+            setproctitle(" ".join([sys.executable, "-m", "celerylab.celery_worker", *sys.argv[1:]]))
+        except ImportError:
+            pass
     except BaseException as exc:  # the fork could not become a worker: say why, in its log
         os.write(2, f"celerylab launcher: {exc!r}\n".encode())
         os._exit(1)

@@ -551,12 +551,20 @@ if prometheus:
         time.sleep(0.5)
     print("Prometheus fired:", fired, "; firing now:", now_firing,
           f"; failed scrapes: {up.count('0')} of {len(up)}")
+    # the same-run reference for the burst: the sampler's own readings (every 0.2 s, at worst
+    # `stall_gap` apart) of its oldest waiting message; Prometheus must agree when they stayed
+    # clearly under the rule's 3 s
+    burst_margin = RULE.above - peaks["burst"]["oldest age (s)"] - stall_gap
     if "0" in up:
         print("Some scrapes failed on this busy machine, so which alerts fired is not judged.")
     else:
         assert "stall" in fired_for, fired
-        assert fired_for == ["stall"] or busy, fired
-        assert {q for _name, q in fired} <= {"stall"} or busy, "only the stall is an incident"
+        if busy or burst_took[0] > 2.0 or burst_margin < 0.5:
+            print(f"The burst's oldest message reached {peaks['burst']['oldest age (s)']} s here "
+                  "on this busy machine: whether Prometheus also alerted for it is not judged.")
+        else:
+            assert fired_for == ["stall"], fired
+            assert {q for _name, q in fired} <= {"stall"}, "only the stall is an incident"
     assert not now_firing, "resolved after recovery"
 else:
     print("Prometheus is not installed on this machine, so no server scraped the exporter or "

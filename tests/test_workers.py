@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -44,7 +46,8 @@ def test_worker_with_missing_module_fails_fast_with_its_log(stack, tasks_module)
     with pytest.raises(WorkerError) as err:
         stack.spawn_worker("no_such_tasks_module")
     assert time.monotonic() - t0 < 10
-    assert "exited" in str(err.value) and "no_such_tasks_module" in str(err.value)
+    assert "no_such_tasks_module" in str(err.value)
+    assert re.search(r"exited with code [1-9]", str(err.value)), "its exit status is reported"
 
 
 def test_worker_whose_module_raises_shows_the_error(stack, tmp_path, monkeypatch):
@@ -83,9 +86,10 @@ def test_killing_the_whole_worker_takes_its_children(stack, tasks_module):
 KERNEL = """
 import json, sys, time
 import celerylab
+from celerylab.processes import Launcher
 stack = celerylab.start("orphans")
 w = stack.spawn_worker(sys.argv[1], concurrency=2)
-print(json.dumps([stack.server.pid, w.pid, *w.children()]), flush=True)
+print(json.dumps([stack.server.pid, Launcher.get().group.pid, w.pid, *w.children()]), flush=True)
 time.sleep(120)
 """
 
@@ -98,7 +102,7 @@ def test_a_killed_kernel_leaves_nothing_running(tasks_module, tmp_path):
                               text=True, env=env, cwd=tmp_path)
     try:
         pids = json.loads(kernel.stdout.readline())
-        assert len(pids) == 4 and all(pid_alive(p) for p in pids)
+        assert len(pids) == 5 and all(pid_alive(p) for p in pids)
         kernel.send_signal(signal.SIGKILL)
         kernel.wait(5)
         assert wait_gone(pids, 10) == [], "orphans left after the kernel died"
@@ -118,13 +122,15 @@ def test_a_real_jupyter_kernel_killed_mid_notebook_leaves_nothing(tasks_module, 
     try:
         code = ("import json, os, celerylab\nstack = celerylab.start('killed')\n"
                 f"w = stack.spawn_worker({tasks_module!r}, concurrency=2)\n"
-                "print(json.dumps([os.getpid(), stack.server.pid, w.pid, *w.children()]))")
+                "from celerylab.processes import Launcher\n"
+                "print(json.dumps([os.getpid(), stack.server.pid, Launcher.get().group.pid,"
+                " w.pid, *w.children()]))")
         reply = kc.execute_interactive(
             code, timeout=60,
             output_hook=lambda m: out.append(m["content"].get("text", "")))
         assert reply["content"]["status"] == "ok"
         kernel, *pids = json.loads("".join(out))
-        assert len(pids) == 4 and all(pid_alive(p) for p in pids)
+        assert len(pids) == 5 and all(pid_alive(p) for p in pids)
         os.kill(kernel, signal.SIGKILL)
         assert wait_gone(pids, 10) == [], "orphans left after the kernel was killed"
     finally:
@@ -153,15 +159,70 @@ def test_an_interrupt_while_workers_boot_leaves_none_running(stack, tasks_module
     spawn = workers_module.ProcessGroup.spawn
     spawned = []
 
+    import threading
+    lock = threading.Lock()
+
     def spawn_then_interrupt(*args, **kwargs):  # Ctrl-C right after a worker process is spawned:
         group = spawn(*args, **kwargs)          # by construction while the workers boot
-        spawned.append(group)
-        if len(spawned) == 2:
-            os.kill(os.getpid(), signal.SIGINT)  # handled in the main thread, in its join()
+        with lock:
+            spawned.append(group)
+            if len(spawned) == 2:  # once
+                os.kill(os.getpid(), signal.SIGINT)  # handled in the main thread, in its join()
         return group
 
     monkeypatch.setattr(workers_module.ProcessGroup, "spawn", spawn_then_interrupt)
     workers = [stack.worker(tasks_module, name=f"i{i}") for i in range(2)]
-    with pytest.raises(KeyboardInterrupt):
-        stack.start_workers(*workers)
+    # Ctrl-C as a kernel sees it (whatever an earlier test of this pytest process left installed)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            stack.start_workers(*workers)
+    finally:
+        signal.signal(signal.SIGINT, before)
     assert len(spawned) == 2 and not any(w.alive for w in workers)
+
+
+EDITED = '''
+import os
+
+from celery import Celery
+
+app = Celery("edited", broker=os.environ["CELERYLAB_BROKER_URL"],
+             backend=os.environ["CELERYLAB_BROKER_URL"])
+app.conf.update(task_serializer="json", result_serializer="json", accept_content=["json"])
+
+
+@app.task(name="edited.version")
+def version():
+    return {"code": VERSION, "cwd": os.getcwd(), "ns": os.environ["CELERYLAB_NAMESPACE"]}
+
+
+VERSION = "@VERSION@"
+'''
+
+
+@pytest.mark.parametrize("launch", ["fork", "exec"])
+def test_each_worker_is_its_own_process_and_runs_the_module_as_it_is_now(
+        stack, tmp_path, monkeypatch, launch):
+    """Workers fork from the kernel's launcher, which imported celery once (or, with
+    CELERYLAB_WORKER_LAUNCH=exec, start as a fresh python). Either way each is its own process
+    and session, in its own folder and environment, and imports the task module as it is when it
+    boots: a learner's edit shows in the next worker, never the launcher's stale copy."""
+    from celerylab.processes import Launcher
+    monkeypatch.setenv("CELERYLAB_WORKER_LAUNCH", launch)
+    folder = tmp_path / "lesson"
+    folder.mkdir()
+    answers = []
+    for version in ("v1", "v2"):
+        (folder / "edited.py").write_text(EDITED.replace("@VERSION@", version))
+        worker = stack.spawn_worker("edited", name=f"e{version}", cwd=folder)
+        assert os.getsid(worker.pid) == worker.pid, "a worker leads its own session"
+        parent = int(Path(f"/proc/{worker.pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        expected = Launcher.get().group.pid if launch == "fork" else os.getpid()
+        assert parent == expected, f"{launch}: the worker's parent is {parent}"
+        answers.append(stack.control.send_task("edited.version").get(timeout=15))
+        worker.stop()
+        assert worker.group.poll() is not None, "its exit status is known once it stopped"
+    assert [a["code"] for a in answers] == ["v1", "v2"]
+    assert {a["cwd"] for a in answers} == {str(folder)}
+    assert {a["ns"] for a in answers} == {stack.namespace}
