@@ -47,15 +47,10 @@ def _prepare():
 
 
 # The launcher ---------------------------------------------------------------------------------
-def serve() -> None:
-    """Read one JSON request a line (argv, env, cwd, log, exit); fork a worker for each; answer
-    its pid. Ends at end-of-file: its kernel is gone (the watchdog stops the workers)."""
-    import json
-    import signal
-
+def import_worker():
+    """Import what every boot imports (measured with -X importtime): Celery's command, the
+    worker, its pool, its transport and result backend. Returns Celery's own ``main``."""
     main = _prepare()
-    # what every boot imports next (measured with -X importtime): the worker, its pool, its
-    # transport and result backend
     import billiard.pool  # noqa: F401
     import celery.app.trace  # noqa: F401
     import celery.apps.worker  # noqa: F401
@@ -64,7 +59,17 @@ def serve() -> None:
     import celery.worker.consumer  # noqa: F401
     import celery.worker.strategy  # noqa: F401
     import kombu.transport.redis  # noqa: F401
+    return main
 
+
+def serve(hide: tuple[str, ...] = ()) -> None:
+    """Read one JSON request a line (argv, env, cwd, log, exit); fork a worker for each; answer
+    its pid. Ends at end-of-file: its kernel is gone (the watchdog stops the workers).
+    ``hide``: entries of ``sys.path`` a fresh ``python`` would not have (a forked launcher's)."""
+    import json
+    import signal
+
+    main = import_worker()
     exits: dict[int, str] = {}
 
     def reap(*_):
@@ -86,7 +91,7 @@ def serve() -> None:
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # an interrupt in the kernel is not ours
     signal.signal(signal.SIGCHLD, reap)
-    base_path = [p for p in sys.path if p not in ("", os.getcwd())]
+    base_path = [p for p in sys.path if p not in ("", os.getcwd(), *hide)]
     requests, answers = sys.stdin, sys.stdout
     print("ready", file=answers, flush=True)
     for line in requests:
@@ -111,7 +116,9 @@ def _become_worker(request: dict, main, base_path: list[str]) -> None:
             signal.signal(sig, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.pthread_sigmask(signal.SIG_SETMASK, set())
-        atexit._clear()
+        atexit._clear()  # not the launcher's (or its parent's): a fresh process has none
+        import logging
+        atexit.register(logging.shutdown)  # as a fresh one has (logging registers it at import)
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)
         log = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
@@ -119,7 +126,10 @@ def _become_worker(request: dict, main, base_path: list[str]) -> None:
         os.dup2(log, 2)
         os.close(null)
         os.close(log)
-        sys.stdin = open(os.devnull)
+        # fresh standard streams on the log, as a fresh python has (whatever the parent had)
+        sys.stdin = sys.__stdin__ = open(os.devnull)
+        sys.stdout = sys.__stdout__ = open(1, "w", closefd=False)
+        sys.stderr = sys.__stderr__ = open(2, "w", buffering=1, closefd=False)
         os.chdir(request["cwd"])
         os.environ.clear()
         os.environ.update(request["env"])
@@ -135,8 +145,30 @@ def _become_worker(request: dict, main, base_path: list[str]) -> None:
     except BaseException as exc:  # the fork could not become a worker: say why, in its log
         os.write(2, f"celerylab launcher: {exc!r}\n".encode())
         os._exit(1)
-    main()  # Celery's own; it ends with sys.exit, and the interpreter exits as a fresh one would
-    sys.exit(0)
+    # Celery's own main; it ends with sys.exit. Then exit as a fresh interpreter would (its
+    # threads, its atexit handlers, its status), never back into the launcher's code.
+    code = 0
+    try:
+        main()
+    except SystemExit as exc:
+        code = exc.code
+    except BaseException:
+        import traceback
+        traceback.print_exc()
+        code = 1
+    if code is None:
+        code = 0
+    elif not isinstance(code, int):
+        print(code, file=sys.stderr)
+        code = 1
+    try:
+        import threading
+        threading._shutdown()
+        atexit._run_exitfuncs()
+        sys.stdout.flush()
+        sys.stderr.flush()
+    finally:
+        os._exit(code)
 
 
 if __name__ == "__main__":

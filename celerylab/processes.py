@@ -161,19 +161,34 @@ class Launcher:
     _lock = threading.Lock()
     READY_TIMEOUT = 20.0
 
-    def __init__(self) -> None:
+    def __init__(self, hide: tuple[str, ...] | None = None) -> None:
         self.owner = os.getpid()
         self.lock = threading.Lock()
         self.ready = False
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CELERYLAB_")
-               or k in ("CELERYLAB_HOME",)}
         log = home() / "launcher.log"
         log.parent.mkdir(parents=True, exist_ok=True)
-        with open(log, "ab") as err:
-            popen = subprocess.Popen(
-                [sys.executable, "-m", "celerylab.celery_worker", "--serve"], stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE, stderr=err, start_new_session=True, text=True, env=env)
+        if hide is None:
+            env = {k: v for k, v in os.environ.items() if not k.startswith("CELERYLAB_")
+                   or k in ("CELERYLAB_HOME",)}
+            with open(log, "ab") as err:
+                popen = subprocess.Popen(
+                    [sys.executable, "-m", "celerylab.celery_worker", "--serve"],
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
+                    start_new_session=True, text=True, env=env)
+        else:
+            popen = _ForkedLauncher(log, hide)
         self.group = ProcessGroup(popen, log, Watchdog.get())
+
+    @classmethod
+    def fork_here(cls, hide: tuple[str, ...] = ()) -> Launcher:
+        """This process's launcher, forked from it rather than started afresh: for a process
+        that already imported celery's worker (``celery_worker.import_worker``) and runs no
+        thread yet (the suite's side-by-side answers). ``hide``: its own ``sys.path`` entries."""
+        if threading.active_count() > 1:
+            raise RuntimeError("Launcher.fork_here: this process runs threads; use Launcher.get")
+        with cls._lock:
+            cls._instance = inst = cls(hide=tuple(hide))
+            return inst
 
     @staticmethod
     def wanted(cmd: list[str]) -> bool:
@@ -218,6 +233,57 @@ class Launcher:
                 self.group.kill()  # broken: the next worker starts a new one; this one execs
                 return None
         return Launched(pid, cmd, exit_file, self)
+
+
+class _ForkedLauncher:
+    """What ``ProcessGroup`` and ``Launcher`` need of a ``Popen``, for a launcher forked from
+    this process (``Launcher.fork_here``)."""
+
+    def __init__(self, log: Path, hide: tuple[str, ...]) -> None:
+        requests, to_launcher = os.pipe()
+        from_launcher, answers = os.pipe()
+        self.args = [sys.executable, "-m", "celerylab.celery_worker", "--serve"]
+        self.returncode: int | None = None
+        self.pid = os.fork()
+        if self.pid == 0:  # the launcher: it never returns from here
+            try:
+                os.setsid()
+                os.dup2(requests, 0)
+                os.dup2(answers, 1)
+                err = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+                os.dup2(err, 2)
+                for fd in (requests, to_launcher, from_launcher, answers, err):
+                    os.close(fd)
+                sys.stdin = open(0, closefd=False)
+                sys.stdout = open(1, "w", closefd=False)
+                sys.stderr = open(2, "w", buffering=1, closefd=False)
+                from celerylab.celery_worker import serve
+                serve(hide)
+            finally:
+                os._exit(0)
+        os.close(requests)
+        os.close(answers)
+        self.stdin = open(to_launcher, "w")
+        self.stdout = open(from_launcher)
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:
+                self.returncode = -signal.SIGKILL
+            else:
+                if pid:
+                    self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(self.args, timeout)
+            time.sleep(0.01)
+        return self.returncode
 
 
 class Launched:

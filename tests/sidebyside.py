@@ -28,9 +28,18 @@ def judge_here(module: str, judge: str, params: dict, tries: int = 3) -> tuple[s
     import tempfile
     import traceback
 
+    from celerylab.celery_worker import import_worker
     from celerylab.checks import LabCheckFailed, MachineTooBusy
+    from celerylab.processes import Launcher
     from celerylab.stack import Stack
     fn = getattr(importlib.import_module(module), judge)
+    import threading
+    if os.environ.get("CELERYLAB_WORKER_LAUNCH", "fork") != "exec" \
+            and threading.active_count() == 1:  # a side-by-side process, not pytest's own
+        # this answer's workers fork from a fork of this process, which has celery imported (the
+        # fork server did) and runs no thread yet: not a fresh python importing it all again
+        import_worker()
+        Launcher.fork_here(hide=(TESTS, str(Path(TESTS).parent)))
     cwd, env = os.getcwd(), dict(os.environ)
     os.environ.pop("REDIS_URL", None)
     folder = tempfile.mkdtemp(prefix="celerylab-answer-")
