@@ -178,14 +178,14 @@ def cmd_open(args) -> int:
 
 
 def cmd_test(args) -> int:
-    """pytest over tests/ plus every chapter and solution notebook under nbval, two files at a
-    time. The suite mostly waits (two at a time kept this 2-core machine 58% busy): -n 3 took
-    732-750 s instead of 897 s, but one run of four failed two load-sensitive tests (see
-    docs/benchmarks.md, session 13), so it is not the default yet."""
+    """pytest over tests/ plus every chapter and solution notebook under nbval, four files at a
+    time. The suite mostly waits: since workers fork from a launcher that imported celery once,
+    four at a time kept this 2-core machine 85% busy and took 556 s (two at a time: 927 s; see
+    docs/benchmarks.md, session 14). ``-n 2`` (or ``-n 0``) on a slower machine."""
     import pytest
     extra = list(args.pytest_args)
     if not any(a.startswith("-n") for a in extra):
-        extra = ["-n", "2", "--dist", "loadfile", *extra]
+        extra = ["-n", "4", "--dist", "loadfile", *extra]
     if not any(a.startswith("--durations") for a in extra):
         extra = ["--durations=15", *extra]  # the slowest items; conftest.py adds each file's total
     paths = [a for a in extra if Path(a.split("::")[0]).exists()]  # ./course test tests/x.py
