@@ -92,7 +92,10 @@ def send_receipt(order_id):
 # In a terminal you would start a worker with the command printed first below.
 # `stack.spawn_worker` runs that command as a process of its own, with a few additions printed
 # second (a name, a log file, the course's recorder, and no waiting for other workers at boot),
-# and returns once Celery's `worker_ready` signal fired. The **prefork** pool (the default) has a
+# and returns once Celery's `worker_ready` signal fired. (To boot in a fraction of a second, the
+# course forks each worker from a helper process that has imported Celery already; what runs is
+# Celery's own `celery worker` with that command line, and `ps` shows it by name.) The
+# **prefork** pool (the default) has a
 # *main process* that talks to the broker and *child processes* that run tasks: `--concurrency 2`
 # means two children.
 
