@@ -130,6 +130,12 @@ def _become_worker(request: dict, main, base_path: list[str]) -> None:
         sys.stdin = sys.__stdin__ = open(os.devnull)
         sys.stdout = sys.__stdout__ = open(1, "w", closefd=False)
         sys.stderr = sys.__stderr__ = open(2, "w", buffering=1, closefd=False)
+        try:  # what ps shows until Celery names the process itself (before the environment
+            from setproctitle import setproctitle  # changes: it needs the original layout)
+            setproctitle(" ".join([sys.executable, "-m", "celerylab.celery_worker",
+                                   *request["argv"]]))
+        except ImportError:
+            pass
         os.chdir(request["cwd"])
         os.environ.clear()
         os.environ.update(request["env"])
@@ -137,11 +143,6 @@ def _become_worker(request: dict, main, base_path: list[str]) -> None:
         sys.path[:] = [request["cwd"], *extra, *(p for p in base_path if p not in extra)]
         importlib.invalidate_caches()
         sys.argv = [__file__, *request["argv"]]
-        try:  # what ps shows until Celery names the process itself
-            from setproctitle import setproctitle
-            setproctitle(" ".join([sys.executable, "-m", "celerylab.celery_worker", *sys.argv[1:]]))
-        except ImportError:
-            pass
     except BaseException as exc:  # the fork could not become a worker: say why, in its log
         os.write(2, f"celerylab launcher: {exc!r}\n".encode())
         os._exit(1)

@@ -235,7 +235,25 @@ class Launcher:
         return Launched(pid, cmd, exit_file, self)
 
 
-class _ForkedLauncher:
+class _Polled:
+    """``Popen.wait`` for a process known by ``poll`` alone."""
+
+    args: list[str]
+    returncode: int | None
+
+    def poll(self) -> int | None:
+        raise NotImplementedError
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(self.args, timeout)
+            time.sleep(0.02)
+        return self.returncode
+
+
+class _ForkedLauncher(_Polled):
     """What ``ProcessGroup`` and ``Launcher`` need of a ``Popen``, for a launcher forked from
     this process (``Launcher.fork_here``)."""
 
@@ -277,16 +295,8 @@ class _ForkedLauncher:
                     self.returncode = os.waitstatus_to_exitcode(status)
         return self.returncode
 
-    def wait(self, timeout: float | None = None) -> int:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while self.poll() is None:
-            if deadline is not None and time.monotonic() > deadline:
-                raise subprocess.TimeoutExpired(self.args, timeout)
-            time.sleep(0.01)
-        return self.returncode
 
-
-class Launched:
+class Launched(_Polled):
     """A worker forked by the launcher: what ``ProcessGroup`` needs of a ``Popen``. Its exit
     status comes from the file the launcher writes when it reaps it."""
 
@@ -301,14 +311,6 @@ class Launched:
             except (OSError, ValueError):
                 if not self.launcher.group.alive and not pid_alive(self.pid):
                     self.returncode = -signal.SIGKILL  # nobody left to say how it ended
-        return self.returncode
-
-    def wait(self, timeout: float | None = None) -> int:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while self.poll() is None:
-            if deadline is not None and time.monotonic() > deadline:
-                raise subprocess.TimeoutExpired(self.args, timeout)
-            time.sleep(0.02)
         return self.returncode
 
 

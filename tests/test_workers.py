@@ -220,6 +220,10 @@ def test_each_worker_is_its_own_process_and_runs_the_module_as_it_is_now(
         parent = int(Path(f"/proc/{worker.pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
         expected = Launcher.get().group.pid if launch == "fork" else os.getpid()
         assert parent == expected, f"{launch}: the worker's parent is {parent}"
+        cmdline, name = Path(f"/proc/{worker.pid}/cmdline"), f"[celeryd: {worker.hostname}:"
+        title = stack.wait_until(lambda c=cmdline, n=name: n in (t := c.read_text()) and t, 5,
+                                 "its title")
+        assert "-A edited worker" in title, f"ps shows it by name and command: {title}"
         answers.append(stack.control.send_task("edited.version").get(timeout=15))
         worker.stop()
         assert worker.group.poll() is not None, "its exit status is known once it stopped"
