@@ -63,14 +63,20 @@ def import_worker():
 
 
 def serve(hide: tuple[str, ...] = ()) -> None:
-    """Read one JSON request a line (argv, env, cwd, log, exit); fork a worker for each; answer
-    its pid. Ends at end-of-file: its kernel is gone (the watchdog stops the workers).
+    """Read one JSON request a line (id, argv, env, cwd, log, exits: a folder); fork a worker for
+    each; answer "<id> <pid>". When its input ends (its kernel is gone) or on SIGTERM, it asks
+    the workers it started and that still run to stop (the watchdog escalates), then exits.
     ``hide``: entries of ``sys.path`` a fresh ``python`` would not have (a forked launcher's)."""
     import json
     import signal
 
     main = import_worker()
-    exits: dict[int, str] = {}
+    try:  # set process titles up while the environment is the original (titles use its room)
+        import setproctitle
+        setproctitle.setproctitle(setproctitle.getproctitle())
+    except ImportError:
+        pass
+    children: dict[int, str] = {}  # running workers: pid -> where its exit status goes
 
     def reap(*_):
         while True:
@@ -80,7 +86,7 @@ def serve(hide: tuple[str, ...] = ()) -> None:
                 return
             if pid == 0:
                 return
-            path = exits.pop(pid, None)
+            path = children.pop(pid, None)
             if path:
                 try:
                     with open(path + ".tmp", "w") as f:
@@ -89,8 +95,17 @@ def serve(hide: tuple[str, ...] = ()) -> None:
                 except OSError:
                     pass
 
+    def end(*_):
+        for pid in list(children):
+            try:
+                os.killpg(pid, signal.SIGTERM)
+            except OSError:
+                pass
+        os._exit(0)
+
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # an interrupt in the kernel is not ours
     signal.signal(signal.SIGCHLD, reap)
+    signal.signal(signal.SIGTERM, end)
     base_path = [p for p in sys.path if p not in ("", os.getcwd(), *hide)]
     requests, answers = sys.stdin, sys.stdout
     print("ready", file=answers, flush=True)
@@ -100,9 +115,10 @@ def serve(hide: tuple[str, ...] = ()) -> None:
         pid = os.fork()
         if pid == 0:
             _become_worker(request, main, base_path)  # does not return
-        exits[pid] = request["exit"]
+        children[pid] = os.path.join(request["exits"], f"{pid}.exit")
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
-        print(pid, file=answers, flush=True)
+        print(request["id"], pid, file=answers, flush=True)
+    end()
 
 
 def _become_worker(request: dict, main, base_path: list[str]) -> None:
@@ -116,9 +132,14 @@ def _become_worker(request: dict, main, base_path: list[str]) -> None:
             signal.signal(sig, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.pthread_sigmask(signal.SIG_SETMASK, set())
-        atexit._clear()  # not the launcher's (or its parent's): a fresh process has none
+        # the exit handlers a fresh worker would have by now, not the launcher's (or its parent's)
+        atexit._clear()
         import logging
-        atexit.register(logging.shutdown)  # as a fresh one has (logging registers it at import)
+        import weakref
+        atexit.register(logging.shutdown)
+        if "multiprocessing.util" in sys.modules:
+            atexit.register(sys.modules["multiprocessing.util"]._exit_function)
+        weakref.finalize._registered_with_atexit = False
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)
         log = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
@@ -126,10 +147,11 @@ def _become_worker(request: dict, main, base_path: list[str]) -> None:
         os.dup2(log, 2)
         os.close(null)
         os.close(log)
-        # fresh standard streams on the log, as a fresh python has (whatever the parent had)
+        # fresh standard streams on the log, as a fresh python makes them (PYTHONUNBUFFERED too)
+        unbuffered = bool(request["env"].get("PYTHONUNBUFFERED"))
         sys.stdin = sys.__stdin__ = open(os.devnull)
-        sys.stdout = sys.__stdout__ = open(1, "w", closefd=False)
-        sys.stderr = sys.__stderr__ = open(2, "w", buffering=1, closefd=False)
+        sys.stdout = sys.__stdout__ = _stream(1, sys.__stdout__, unbuffered)
+        sys.stderr = sys.__stderr__ = _stream(2, sys.__stderr__, unbuffered)
         try:  # what ps shows until Celery names the process itself (before the environment
             from setproctitle import setproctitle  # changes: it needs the original layout)
             setproctitle(" ".join([sys.executable, "-m", "celerylab.celery_worker",
@@ -166,10 +188,19 @@ def _become_worker(request: dict, main, base_path: list[str]) -> None:
         import threading
         threading._shutdown()
         atexit._run_exitfuncs()
-        sys.stdout.flush()
-        sys.stderr.flush()
+        for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+            stream.flush()
     finally:
         os._exit(code)
+
+
+def _stream(fd: int, like, unbuffered: bool):
+    """A text stream on ``fd`` with the encoding and error handler Python chose for ``like``."""
+    import io
+    raw = open(fd, "wb", buffering=0 if unbuffered else -1, closefd=False)
+    return io.TextIOWrapper(raw, encoding=getattr(like, "encoding", None) or "utf-8",
+                            errors=getattr(like, "errors", None) or "strict",
+                            line_buffering=fd == 2, write_through=unbuffered)
 
 
 if __name__ == "__main__":

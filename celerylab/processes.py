@@ -153,18 +153,28 @@ class ProcessGroup:
         return "\n".join(text.strip().splitlines()[-lines:])
 
 
+def _comparable(env) -> dict:
+    """What of an environment a launcher's imports may have read: all but the course's own
+    variables (read when a worker runs) and PYTHONPATH (applied to each worker's sys.path)."""
+    return {k: v for k, v in env.items() if not k.startswith("CELERYLAB_") and k != "PYTHONPATH"}
+
+
 class Launcher:
     """The client side of ``python -m celerylab.celery_worker --serve``: a process per kernel that
-    imported celery once and forks each worker from there (see ``celerylab.celery_worker``)."""
+    imported celery once and forks each worker from there (see ``celerylab.celery_worker``).
+
+    A worker whose environment differs from the launcher's (beyond the course's variables and
+    PYTHONPATH) starts as a fresh ``python`` instead: modules read some variables at import."""
 
     _instance: Launcher | None = None
     _lock = threading.Lock()
-    READY_TIMEOUT = 20.0
+    READY_TIMEOUT = 10.0
 
     def __init__(self, hide: tuple[str, ...] | None = None) -> None:
         self.owner = os.getpid()
         self.lock = threading.Lock()
         self.ready = False
+        self.env = _comparable(os.environ)
         log = home() / "launcher.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         if hide is None:
@@ -182,11 +192,14 @@ class Launcher:
     @classmethod
     def fork_here(cls, hide: tuple[str, ...] = ()) -> Launcher:
         """This process's launcher, forked from it rather than started afresh: for a process
-        that already imported celery's worker (``celery_worker.import_worker``) and runs no
-        thread yet (the suite's side-by-side answers). ``hide``: its own ``sys.path`` entries."""
+        that already imported celery's worker (``celery_worker.import_worker``), imported no
+        task module and runs no thread yet (the suite's side-by-side answers). ``hide``: its
+        own ``sys.path`` entries."""
         if threading.active_count() > 1:
             raise RuntimeError("Launcher.fork_here: this process runs threads; use Launcher.get")
         with cls._lock:
+            if cls._instance is not None and cls._instance.owner == os.getpid():
+                cls._instance.group.stop(timeout=2)
             cls._instance = inst = cls(hide=tuple(hide))
             return inst
 
@@ -200,9 +213,13 @@ class Launcher:
 
     @classmethod
     def get(cls) -> Launcher:
-        """This process's launcher, started if need be (it imports for ~1 s, in the background)."""
+        """This process's launcher, started if need be (it imports for ~1 s, in the background);
+        a new one when this process's environment changed since."""
         with cls._lock:
             inst = cls._instance
+            if inst is not None and inst.owner == os.getpid() and inst.group.alive \
+                    and inst.env != _comparable(os.environ):
+                inst.group.stop(timeout=2)
             if inst is None or inst.owner != os.getpid() or not inst.group.alive:
                 cls._instance = inst = cls()
             return inst
@@ -210,29 +227,43 @@ class Launcher:
     def _answer(self, timeout: float) -> str:
         out = self.group.popen.stdout
         if not select.select([out], [], [], timeout)[0]:
-            return ""
-        return out.readline().strip()
+            raise TimeoutError("the launcher did not answer")
+        line = out.readline()
+        if not line:
+            raise OSError("the launcher has gone")
+        return line.strip()
 
     def spawn(self, cmd: list[str], *, log: Path, env: dict | None, cwd: str | None):
         """Fork a worker running ``cmd``; None when the launcher cannot (the caller execs)."""
-        exit_file = log.with_suffix(".exit")
-        exit_file.unlink(missing_ok=True)
-        request = json.dumps({"argv": cmd[3:], "env": dict(env if env is not None else os.environ),
-                              "cwd": str(cwd or os.getcwd()), "log": str(log),
-                              "exit": str(exit_file)})
+        import uuid
+        env = dict(env if env is not None else os.environ)
+        if _comparable(env) != self.env:
+            return None  # e.g. Worker(env={...}): a fresh python reads it at import
+        rid = uuid.uuid4().hex[:12]
+        request = json.dumps({"id": rid, "argv": cmd[3:], "env": env, "log": str(log),
+                              "cwd": str(cwd or os.getcwd()), "exits": str(log.parent)})
         with self.lock:
             try:
                 if not self.ready:
-                    self.ready = self._answer(self.READY_TIMEOUT) == "ready"
-                    if not self.ready:
+                    if self._answer(self.READY_TIMEOUT) != "ready":
                         raise OSError("the launcher did not start")
+                    self.ready = True
                 self.group.popen.stdin.write(request + "\n")
                 self.group.popen.stdin.flush()
-                pid = int(self._answer(5.0))
-            except (OSError, ValueError):
-                self.group.kill()  # broken: the next worker starts a new one; this one execs
-                return None
-        return Launched(pid, cmd, exit_file, self)
+                deadline = time.monotonic() + 5.0
+                while True:  # skip answers to requests abandoned earlier
+                    answer_id, _, pid = self._answer(deadline - time.monotonic()).partition(" ")
+                    if answer_id == rid:
+                        break
+                pid = int(pid)
+            except BaseException as exc:
+                # broken or interrupted: it stops, and asks what it forked to stop too; the next
+                # worker gets a new launcher, this one a fresh python (or the interrupt goes on)
+                self.group.stop(timeout=2)
+                if isinstance(exc, (OSError, ValueError)):  # TimeoutError is an OSError
+                    return None
+                raise
+        return Launched(pid, cmd, log.parent / f"{pid}.exit", self)
 
 
 class _Polled:
@@ -264,21 +295,32 @@ class _ForkedLauncher(_Polled):
         self.returncode: int | None = None
         self.pid = os.fork()
         if self.pid == 0:  # the launcher: it never returns from here
+            code = 1
             try:
+                import gc
+                import multiprocessing.process as mp
                 os.setsid()
                 os.dup2(requests, 0)
                 os.dup2(answers, 1)
                 err = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
                 os.dup2(err, 2)
-                for fd in (requests, to_launcher, from_launcher, answers, err):
-                    os.close(fd)
+                # nothing of the parent's: its pipes and sockets (the objects that held them are
+                # frozen, so that no collection closes a number reused since), its identity
+                gc.freeze()
+                os.closerange(3, os.sysconf("SC_OPEN_MAX"))
+                mp._current_process, mp._parent_process = mp._MainProcess(), None
+                mp._children = set()
                 sys.stdin = open(0, closefd=False)
                 sys.stdout = open(1, "w", closefd=False)
                 sys.stderr = open(2, "w", buffering=1, closefd=False)
                 from celerylab.celery_worker import serve
                 serve(hide)
+                code = 0
+            except BaseException:
+                import traceback
+                traceback.print_exc()
             finally:
-                os._exit(0)
+                os._exit(code)
         os.close(requests)
         os.close(answers)
         self.stdin = open(to_launcher, "w")
@@ -306,12 +348,20 @@ class Launched(_Polled):
 
     def poll(self) -> int | None:
         if self.returncode is None:
-            try:
-                self.returncode = int(self.exit_file.read_text())
-            except (OSError, ValueError):
-                if not self.launcher.group.alive and not pid_alive(self.pid):
-                    self.returncode = -signal.SIGKILL  # nobody left to say how it ended
+            self.returncode = self._status()
+            if self.returncode is None and not Path(f"/proc/{self.pid}").exists() \
+                    and not pid_alive(self.pid):  # gone, reaped, yet no status (after a moment
+                time.sleep(0.2)                   # for the launcher to write it): unknown
+                self.returncode = self._status()
+                if self.returncode is None:
+                    self.returncode = -signal.SIGKILL
         return self.returncode
+
+    def _status(self) -> int | None:
+        try:
+            return int(self.exit_file.read_text())
+        except (OSError, ValueError):
+            return None
 
 
 def children_of(pid: int) -> list[int]:

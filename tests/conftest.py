@@ -185,7 +185,8 @@ def side_by_side(request):
     with concurrent.futures.ProcessPoolExecutor(SIDE_BY_SIDE, mp_context=ctx,
                                                 max_tasks_per_child=1) as pool:
         futures = {i.nodeid: pool.submit(judge_here, request.module.__name__, "judge",
-                                         getattr(getattr(i, "callspec", None), "params", {}))
+                                         getattr(getattr(i, "callspec", None), "params", {}),
+                                         fork_launcher=True)
                    for i in items}
         return {nodeid: f.result() for nodeid, f in futures.items()}
 

@@ -15,7 +15,8 @@ if sys.path[:1] != [TESTS]:  # `import conftest` in a test module means this fol
     sys.path.insert(0, TESTS)
 
 
-def judge_here(module: str, judge: str, params: dict, tries: int = 3) -> tuple[str, str]:
+def judge_here(module: str, judge: str, params: dict, tries: int = 3,
+               fork_launcher: bool = False) -> tuple[str, str]:
     """One answer's whole live check, in this process, on a stack and in a folder of its own.
 
     ``module.judge(stack, folder, **params)`` writes the answer and calls the checker. Returns
@@ -33,15 +34,14 @@ def judge_here(module: str, judge: str, params: dict, tries: int = 3) -> tuple[s
     from celerylab.processes import Launcher
     from celerylab.stack import Stack
     fn = getattr(importlib.import_module(module), judge)
-    import threading
-    if os.environ.get("CELERYLAB_WORKER_LAUNCH", "fork") != "exec" \
-            and threading.active_count() == 1:  # a side-by-side process, not pytest's own
-        # this answer's workers fork from a fork of this process, which has celery imported (the
-        # fork server did) and runs no thread yet: not a fresh python importing it all again
-        import_worker()
-        Launcher.fork_here(hide=(TESTS, str(Path(TESTS).parent)))
     cwd, env = os.getcwd(), dict(os.environ)
     os.environ.pop("REDIS_URL", None)
+    if fork_launcher and os.environ.get("CELERYLAB_WORKER_LAUNCH", "fork") != "exec":
+        # a side-by-side process (never pytest's own): its answer's workers fork from a fork of
+        # it, which has celery's worker imported (the fork server did), no task module, and no
+        # thread yet; not from a fresh python importing it all again
+        import_worker()
+        Launcher.fork_here(hide=(TESTS, str(Path(TESTS).parent)))
     folder = tempfile.mkdtemp(prefix="celerylab-answer-")
     os.chdir(folder)
     sys.path.insert(0, folder)

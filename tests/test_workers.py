@@ -230,3 +230,18 @@ def test_each_worker_is_its_own_process_and_runs_the_module_as_it_is_now(
     assert [a["code"] for a in answers] == ["v1", "v2"]
     assert {a["cwd"] for a in answers} == {str(folder)}
     assert {a["ns"] for a in answers} == {stack.namespace}
+
+
+def test_a_worker_with_an_environment_of_its_own_starts_afresh(stack, tasks_module):
+    """Modules read some variables at import (billiard's REMAP_SIGTERM, TZ, ...): a worker given
+    a variable the launcher's imports did not see starts as a fresh python; the course's own
+    variables do not matter to those imports, so such a worker still forks."""
+    from celerylab.processes import Launcher
+    launcher = Launcher.get().group.pid
+
+    def parent(worker):
+        return int(Path(f"/proc/{worker.pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+    forked = stack.spawn_worker(tasks_module, name="same", env={"CELERYLAB_EXTRA": "1"})
+    fresh = stack.spawn_worker(tasks_module, name="own", env={"REMAP_SIGTERM": "SIGQUIT"})
+    assert parent(forked) == launcher and parent(fresh) == os.getpid()
