@@ -139,7 +139,10 @@ def test_final_check_rejects_the_shipped_flow(lab08, stack):
                  r"Order oom-\d+ was lost: its pool process was killed .* can you change that",
                  id="acks-late-alone"),
     pytest.param([("autoretry_for=(PaymentUnavailable,)", "autoretry_for=(Exception,)")],
-                 r"attempted \d times although it can never succeed", id="retries-everything"),
+                 # on a busy machine its retries of the declined card may outlast the settle
+                 # bound first: a right rejection too (seen once in a soak beside a busy loop)
+                 r"attempted \d times although it can never succeed|did not settle within 30 s",
+                 id="retries-everything"),
     pytest.param([("    validate(order)  # a legacy",
                    "    try:\n        validate(order)\n    except InvalidOrder:\n"
                    "        db.lpush(DEAD_LETTERS, json.dumps({'id': order.get('id'), "
