@@ -184,11 +184,11 @@ quiet, burst = report.p95(report.quiet), report.p95(report.burst)
 receipt = report.receipt_runtime or capstone.RECEIPT_SECONDS
 print(f"checkout p95: {quiet:.2f} s one at a time, {burst:.2f} s during the burst "
       f"(one receipt: {receipt:.2f} s)")
-if quiet < receipt:
+if quiet < receipt / 2:  # the baseline clearly below one receipt: this run can show it
     assert burst > 3 * quiet, "the burst should slow checkouts on one shared queue"
 else:
-    print("This machine is too busy right now to show it: one checkout alone took longer than a "
-          "receipt. Run the chaos cell again when it is quieter.")
+    print("This machine is too busy right now to show it: one checkout alone took more than half "
+          "a receipt. Run the chaos cell again when it is quieter.")
 
 # %% [markdown]
 # **A stall nobody noticed.** While the worker was frozen, the oldest order waited for seconds.
