@@ -52,12 +52,24 @@ def import_worker():
     worker, its pool, its transport and result backend. Returns Celery's own ``main``."""
     main = _prepare()
     import billiard.pool  # noqa: F401
+    import billiard.popen_fork  # noqa: F401
+    import billiard.sharedctypes  # noqa: F401
+    import billiard.synchronize  # noqa: F401
+    import celery.app.control  # noqa: F401
+    import celery.app.events  # noqa: F401
+    import celery.app.log  # noqa: F401
     import celery.app.trace  # noqa: F401
     import celery.apps.worker  # noqa: F401
     import celery.backends.redis  # noqa: F401
+    import celery.bin.celery  # noqa: F401  (the command; it builds pygments' lexer once, here)
     import celery.concurrency.prefork  # noqa: F401
+    import celery.events.dispatcher  # noqa: F401
+    import celery.worker.autoscale  # noqa: F401
+    import celery.worker.components  # noqa: F401
     import celery.worker.consumer  # noqa: F401
+    import celery.worker.consumer.delayed_delivery  # noqa: F401
     import celery.worker.strategy  # noqa: F401
+    import kombu.pidbox  # noqa: F401
     import kombu.transport.redis  # noqa: F401
     return main
 
