@@ -155,8 +155,10 @@ class ProcessGroup:
 
 def _comparable(env) -> dict:
     """What of an environment a launcher's imports may have read: all but the course's own
-    variables (read when a worker runs) and PYTHONPATH (applied to each worker's sys.path)."""
-    return {k: v for k, v in env.items() if not k.startswith("CELERYLAB_") and k != "PYTHONPATH"}
+    variables (read when a worker runs), PYTHONPATH (applied to each worker's sys.path) and
+    pytest's name of the running test (a new one each test: a launcher each, before)."""
+    return {k: v for k, v in env.items()
+            if not k.startswith("CELERYLAB_") and k not in ("PYTHONPATH", "PYTEST_CURRENT_TEST")}
 
 
 class Launcher:
