@@ -140,8 +140,9 @@ holder = stack.spawn_worker("ch07_tasks", name="holder", queues=["held"], concur
 for _ in range(3):
     ch07_tasks.work.apply_async((1.0,), queue="held")
 inspect = stack.control.control.inspect(destination=[holder.hostname], timeout=1)
-stack.wait_until(lambda: inspect.active().get(holder.hostname), 10, "the first task to start")
-reserved = stack.wait_until(lambda: inspect.reserved().get(holder.hostname), 10,
+stack.wait_until(lambda: (inspect.active() or {}).get(holder.hostname), 10,  # None: no reply yet
+                 "the first task to start")
+reserved = stack.wait_until(lambda: (inspect.reserved() or {}).get(holder.hostname), 10,
                             "the worker to reserve the next message")
 flying = observe.in_flight(r)
 print(f"active 1, reserved {len(reserved)}, unacked {r.hlen('unacked')}, by queue {flying},"
