@@ -180,8 +180,9 @@ def cmd_open(args) -> int:
 def cmd_test(args) -> int:
     """pytest over tests/ plus every chapter and solution notebook under nbval, four files at a
     time. The suite mostly waits: since workers fork from a launcher that imported celery once,
-    four at a time kept this 2-core machine 85% busy and took 556 s (two at a time: 927 s; see
-    docs/benchmarks.md, session 14). ``-n 2`` (or ``-n 0``) on a slower machine."""
+    and packages are installed with their bytecode, four at a time take about 460 s here (two at
+    a time took 927 s before; see docs/benchmarks.md, sessions 14 and 15). ``-n 2`` (or ``-n 0``)
+    on a slower machine."""
     import pytest
     extra = list(args.pytest_args)
     if not any(a.startswith("-n") for a in extra):
