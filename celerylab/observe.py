@@ -196,6 +196,8 @@ class Sampler:
         self.ping = ping  # optional: a function returning how many workers answer
         self.workers_up: int | None = None  # its latest answer (pinged in a thread of its own,
         # since a frozen worker makes a ping wait its whole timeout)
+        self.pings: list[tuple[float, int]] = []  # (when each ping was sent, its answer): a
+        # sample carries the latest answer, which a busy machine can deliver late
         self.on_sample = on_sample  # optional: called with each batch (a live dashboard)
         self.samples: list[Sample] = []
         self.counter = DoneCounter(r)
@@ -209,11 +211,13 @@ class Sampler:
 
     def _ping(self) -> None:
         while not self._stop.is_set():
+            sent = time.time()
             try:
                 self.workers_up = self.ping()
             except Exception as exc:
                 self.error = exc
                 return
+            self.pings.append((sent, self.workers_up))
             self._stop.wait(self.interval)
 
     def _run(self) -> None:

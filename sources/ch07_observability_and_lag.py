@@ -300,7 +300,7 @@ if not clear_at:
     print("The alert had not cleared, and the stalled queue had not drained, when the recording "
           "ended (the rescuer booted and drained it slowly on this busy machine): the alert's "
           "clearing is not judged.")
-during = [s.workers_up for s in series["stall"] if t_freeze + 1.5 < s.t < t_rescue]
+during = [n for sent, n in sampler.pings if t_freeze + 0.5 < sent < t_rescue - 0.5]  # sent then
 if during:
     assert max(during) < 3, "the frozen worker never answered a ping"
 else:  # the sampler's reference: it read nothing in those seconds
