@@ -147,9 +147,9 @@ class RedisServer:
                                   f"Its log ({log}) ends with:\n{tail}")
             time.sleep(0.01)
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 3.0) -> None:
         if self.group:
-            self.group.stop(timeout=3)
+            self.group.stop(timeout=timeout)
 
     def restart(self, watchdog=None, crash: bool = False) -> RedisServer:
         """Stop and start again on the same port: a clean shutdown (SIGTERM: redis-server saves an

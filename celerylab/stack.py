@@ -132,10 +132,10 @@ class Stack:
     def stop(self) -> None:
         """Stop the workers, then the broker (or release the claimed external database)."""
         global _current
+        self.stop_workers()  # first: a worker whose broker (a service) went first would retry it
         for service in self.services:
             service.stop(timeout=5)
         self.services = []
-        self.stop_workers()
         if self.server:
             self.server.stop()
         elif self.url:
