@@ -20,6 +20,7 @@ import redis
 
 from celerylab.broker import BrokerError, RedisServer, find_redis_server, free_port
 from celerylab.processes import ProcessGroup
+from celerylab.stack import remember_broker
 
 MASTER = "celerylab"
 
@@ -29,6 +30,7 @@ def spare_broker(stack, name: str = "spare") -> RedisServer:
     the notebook's own Redis (where tasks record what they did) stays up."""
     server = RedisServer(stack.rundir / name).start(watchdog=stack.watchdog)
     stack.services.append(server)
+    remember_broker(server.url)
     return server
 
 
@@ -36,6 +38,7 @@ def sentinels(stack) -> Sentinels:
     """A local Redis Sentinel set (see ``Sentinels``), stopped with ``stack``."""
     found = Sentinels(stack.rundir / "sentinel").start(watchdog=stack.watchdog)
     stack.services.append(found)
+    remember_broker(found.url)
     return found
 
 
@@ -48,7 +51,9 @@ def drop_connections(r: redis.Redis) -> int:
 def consumers_waiting(r: redis.Redis) -> int:
     """How many clients are inside a blocking pop right now (a worker's consumer waiting for a
     message): a dropped connection reaches a consumer there at once."""
-    return sum(1 for c in r.client_list() if c.get("cmd") in ("brpop", "blpop", "blmove"))
+    # "cmd" is a client's last command; flag "b" says it is blocked in it now
+    return sum(1 for c in r.client_list()
+               if "b" in c.get("flags", "") and c.get("cmd") in ("brpop", "blpop", "blmove"))
 
 
 @contextmanager
@@ -59,6 +64,12 @@ def frozen(server: RedisServer):
     try:
         yield server
     finally:
+        os.kill(server.pid, signal.SIGCONT)
+
+
+def thaw(server: RedisServer) -> None:
+    """Resume a frozen broker (a check interrupted inside ``frozen`` may leave one stopped)."""
+    if server.group is not None and server.group.alive:
         os.kill(server.pid, signal.SIGCONT)
 
 

@@ -283,6 +283,12 @@ def start(namespace: str) -> Stack:
     return _current
 
 
+def remember_broker(url: str) -> None:
+    """A broker of this kernel's besides a stack's own (chapter 9's spare, its Sentinel set):
+    task modules bound to it are retired like a stack's when the notebook starts again."""
+    _urls.add(url)
+
+
 def retire_task_modules(url: str) -> list[str]:
     """Forget the task modules imported for an earlier stack of this kernel, so that the next
     ``import chNN_tasks`` reads the new broker URL instead of returning the module (and its

@@ -245,3 +245,44 @@ def test_a_worker_with_an_environment_of_its_own_starts_afresh(stack, tasks_modu
     forked = stack.spawn_worker(tasks_module, name="same", env={"CELERYLAB_EXTRA": "1"})
     fresh = stack.spawn_worker(tasks_module, name="own", env={"REMAP_SIGTERM": "SIGQUIT"})
     assert parent(forked) == launcher and parent(fresh) == os.getpid()
+
+
+OUTAGE_KERNEL = """
+import json, os, signal, time
+import celerylab
+from celerylab import outage
+stack = celerylab.start("outage")
+spare = outage.spare_broker(stack)
+os.kill(spare.pid, signal.SIGSTOP)  # killed while frozen, as a check interrupted mid-freeze
+found = outage.sentinels(stack)
+pids = [stack.server.pid, spare.pid] + [s.pid for s in found.servers()] + [
+    g.pid for _, g in found.sentinels]
+print(json.dumps(pids), flush=True)
+if os.environ.get("STOP_IT"):
+    stack.stop()
+    print(json.dumps(pids), flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.mark.parametrize("how", ["stack.stop()", "kernel SIGKILLed"])
+def test_chapter_9_brokers_and_sentinels_never_outlive_their_notebook(tmp_path, how):
+    """The spare broker (even frozen), the Sentinel set's primary, replica and three sentinels:
+    stopped with the stack, and by the watchdog when the kernel is killed."""
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+    env["PYTHONPATH"] = os.path.dirname(os.path.dirname(__file__))
+    if how == "stack.stop()":
+        env["STOP_IT"] = "1"
+    kernel = subprocess.Popen([sys.executable, "-c", OUTAGE_KERNEL], stdout=subprocess.PIPE,
+                              text=True, env=env, cwd=tmp_path)
+    try:
+        pids = json.loads(kernel.stdout.readline())
+        assert len(pids) == 7
+        if how == "stack.stop()":
+            kernel.stdout.readline()  # stopped
+        else:
+            kernel.send_signal(signal.SIGKILL)
+            kernel.wait(5)
+        assert wait_gone(pids, 10) == [], f"left running after {how}"
+    finally:
+        kernel.kill()

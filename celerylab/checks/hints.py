@@ -67,6 +67,19 @@ HINTS: dict[str, list[str]] = {
         "and stop firing as soon as it is below again; pick the threshold between what a burst "
         "reaches and what a stall reaches within the 6 s the check allows.",
     ],
+    "lab09": [
+        "Take the faults one at a time, as the check reports them. Chapter 9 counted what each "
+        "did to running orders, to a publish and to a worker: which of its settings and "
+        "patterns answers the one you are on?",
+        "A message can arrive twice, so the effect must recognise an order it already shipped "
+        "(chapter 4's tools). A request must never wait on the broker for long: bound every "
+        "read and every retry, and keep what could not be sent in a store of its own. A worker "
+        "that answers ping proves only its control channel.",
+        "Bounded: `broker_transport_options` socket and connect timeouts, a publish retry "
+        "policy with few retries (or none). The outbox: a file or a small database beside this "
+        "notebook, rows deleted only once sent. The probe: send something through the queue and "
+        "see whether it gets done in time. The bound: kombu tries again 2 s, 4 s, 6 s ... apart.",
+    ],
     "lab08": [
         "Take the incidents one at a time, in the order the final check reports them. For each, "
         "ask which of chapters 1-7 it belongs to: acknowledgement and crashes (4), retries and "

@@ -1,0 +1,284 @@
+"""Lab 9 checker: the learner's task module (``lab09_tasks``: settings, ``RECONNECT_WITHIN_S``,
+``record_order``) and request path (``submit``, ``drain_outbox``, ``probe``) against a broker that
+fails.
+
+A worker on the learner's module (2 pool processes, prefetch multiplier 4: its consumer waits in
+``BRPOP`` while it has room) consumes the lab's own broker (``outage.spare_broker``); orders record
+attempts and effects in the notebook's Redis, which stays up. In order:
+
+1. **Reference**: ``probe()`` on a healthy worker must say healthy, and ``submit`` must send an
+   order that ships once. The publish time measured here scales the budgets below on a slow
+   machine (never below the lab's stated figures).
+2. **Dropped connections**: two 1.5 s orders running, the consumer in ``BRPOP``, then ``CLIENT
+   KILL TYPE normal``. Under ``acks_late`` both come back and run again (chapter 9 measured it):
+   each must ship once; the worker must consume again.
+3. **Restart**: the broker stopped for ``DOWN_FOR`` seconds. ``submit`` must answer "outbox"
+   within ``SUBMIT_WITHIN`` each (a bounded publish, an outbox outside the broker); after the
+   broker is back the worker must consume again within the learner's ``RECONNECT_WITHIN_S``
+   (at most ``MAX_RECONNECT``), and after ``drain_outbox()`` each order must ship once.
+4. **Frozen**: the broker SIGSTOPped; ``submit`` (in a thread) must answer within
+   ``FROZEN_WITHIN``; after the thaw and ``drain_outbox()`` the order must ship once (a timed-out
+   publish can arrive anyway: a second send must not ship twice).
+5. **Stuck consumer**: ``cancel_consumer`` on the worker, which still answers ``ping`` (checked):
+   ``probe()`` must say unhealthy within ``PROBE_WITHIN``; after ``add_consumer`` it must say
+   healthy again.
+
+A learner's call that hangs is run in a thread and bounded; the broker is always thawed and
+started again before a verdict, so a failed check leaves the stack as it found it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import numbers
+import sys
+import threading
+import time
+
+import redis
+
+from celerylab import outage
+from celerylab.checks.common import LabCheckFailed, call_learner, checker, ok
+
+MODULE = "lab09_tasks"
+DOWN_FOR = 2.5  # s the broker stays stopped
+SUBMIT_WITHIN = 2.0  # s per submit while the broker is down or frozen (the lab's figure)
+FROZEN_WITHIN = 3.0
+MAX_RECONNECT = 30.0
+PROBE_WITHIN = 10.0
+SETTLE = 20.0  # s for orders to ship once they can
+
+
+def _bounded(fn, *args, what: str, limit: float):
+    """Call the learner's ``fn`` in a thread: (returned value, seconds) or (None, None) when it is
+    still running after ``limit`` (the thread is left to finish on its own)."""
+    box: dict = {}
+
+    def run():
+        t0 = time.monotonic()
+        try:
+            box["value"] = call_learner(fn, *args, what=what)
+        except LabCheckFailed as exc:
+            box["error"] = exc
+        box["took"] = time.monotonic() - t0
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(limit)
+    if "error" in box:
+        raise box["error"]
+    if thread.is_alive():
+        return thread, None
+    return box.get("value"), box["took"]
+
+
+def _module():
+    """The learner's task module, imported afresh (it was rewritten since)."""
+    try:
+        if MODULE in sys.modules:
+            return importlib.reload(sys.modules[MODULE])
+        return importlib.import_module(MODULE)
+    except NotImplementedError:
+        raise LabCheckFailed("lab09_tasks.py is not written yet: fill in its marked places, run "
+                             "that cell, then this check again.") from None
+    except Exception as exc:
+        raise LabCheckFailed(f"lab09_tasks.py does not import: {type(exc).__name__}: {exc}\n"
+                             "Run `import lab09_tasks` in a cell to see where it breaks.") from None
+
+
+class _Shop:
+    """What the check reads: attempts and shipments per order, and the broker's own state."""
+
+    def __init__(self, stack, broker) -> None:
+        self.db = stack.redis
+        self.bq = redis.Redis(port=broker.port, socket_timeout=5)
+
+    def shipped(self, order: str) -> int:
+        return int(self.db.hget("shipped", order) or 0)
+
+    def attempts(self, order: str) -> int:
+        return sum(1 for a in self.db.lrange("attempts", 0, -1) if a.decode() == order)
+
+    def settled(self) -> bool:
+        return self.bq.llen("celery") == 0 and self.bq.hlen("unacked") == 0
+
+    @staticmethod
+    def idle(stack) -> bool:
+        """Every attempt the worker received has finished. A redelivered copy keeps the first
+        copy's delivery tag, so the first copy's ack clears its `unacked` entry while it still
+        waits or runs: the broker alone would call that settled."""
+        return all(a.finished is not None for a in stack.records()
+                   if a.received is not None or a.started is not None)
+
+    def wait_shipped(self, stack, orders, what: str) -> None:
+        deadline = time.monotonic() + SETTLE
+        while time.monotonic() < deadline:
+            if all(self.shipped(o) for o in orders) and self.settled() and self.idle(stack):
+                break
+            time.sleep(0.05)
+        for order in orders:
+            n, tries = self.shipped(order), self.attempts(order)
+            if n == 0:
+                raise LabCheckFailed(
+                    f"{what}: order {order} never shipped ({tries} attempt(s) ran, none recorded "
+                    f"it in `shipped`). Where did it go: was it ever published, and does "
+                    "record_order do its HINCRBY?")
+            if n > 1:
+                raise LabCheckFailed(
+                    f"{what}: order {order} shipped {n} times ({tries} attempts ran). Its "
+                    "message arrived more than once, as chapter 9 showed it can: how does "
+                    "record_order recognise an order it already shipped?")
+
+
+@checker
+def check_lab09(submit, drain_outbox, probe, broker, stack) -> None:
+    tasks = _module()
+    bound = getattr(tasks, "RECONNECT_WITHIN_S", None)
+    if not isinstance(bound, numbers.Real) or isinstance(bound, bool) or not 0 < bound <= MAX_RECONNECT:
+        raise LabCheckFailed(f"RECONNECT_WITHIN_S is {bound!r}: declare it in lab09_tasks.py, in "
+                             f"seconds, more than 0 and at most {MAX_RECONNECT:g} (a bound "
+                             "on-call can act on).")
+    for server in (broker,):  # a check interrupted earlier may have left it stopped or frozen
+        outage.thaw(server)
+        if server.group is None or not server.group.alive:
+            server.start(watchdog=stack.watchdog)
+    shop = _Shop(stack, broker)
+    shop.bq.flushdb()
+    stack.redis.delete("shipped", "attempts", *stack.redis.keys("shipped:*"))
+    for old in [w for w in stack._workers if w.name == "lab09"]:  # an earlier check's
+        old.stop()
+    worker = stack.worker(MODULE, name="lab09", concurrency=2, prefetch_multiplier=4).start()
+    try:
+        _bounded(drain_outbox, what="drain_outbox()", limit=10)  # what an earlier check left
+        _reference(submit, probe, shop, stack)
+        _dropped(tasks, shop, worker, stack)
+        _restart(submit, drain_outbox, bound, broker, shop, worker, stack)
+        _frozen(submit, drain_outbox, broker, shop, stack)
+        _stuck(probe, tasks, worker)
+    finally:
+        outage.thaw(broker)
+        if not broker.group.alive:
+            broker.start(watchdog=stack.watchdog)
+        worker.stop()
+    print("Lab 9 passed: no order lost or shipped twice through a dropped connection, a restart "
+          "and a freeze; requests stayed fast; the probe caught the stuck worker.")
+
+
+def _reference(submit, probe, shop, stack) -> None:
+    healthy, _ = _bounded(probe, what="probe()", limit=PROBE_WITHIN)
+    if healthy is not True:
+        raise LabCheckFailed(f"probe() returned {healthy!r} for a healthy worker that consumes "
+                             "the queue: it must return True then (and only then).")
+    answer, took = _bounded(submit, "ref-1", what="submit('ref-1')", limit=SUBMIT_WITHIN)
+    if answer != "sent":
+        raise LabCheckFailed(f"submit('ref-1') returned {answer!r} with the broker up: it must "
+                             "send the order and return \"sent\".")
+    shop.wait_shipped(stack, ["ref-1"], "with the broker up")
+    ok(f"reference: probe() healthy, submit() sent an order in {took * 1000:.0f} ms, shipped once")
+
+
+def _dropped(tasks, shop, worker, stack) -> None:
+    orders = ["drop-1", "drop-2"]
+    for order in orders:
+        tasks.record_order.apply_async((order, 1.5))
+    stack.wait_until(lambda: all(shop.attempts(o) for o in orders)
+                     and outage.consumers_waiting(shop.bq) > 0, 10,
+                     "two orders running and the consumer waiting")
+    outage.drop_connections(shop.bq)
+    shop.wait_shipped(stack, orders, "after every connection dropped")
+    if not worker.alive:
+        raise LabCheckFailed("The worker exited after its connection dropped: which setting "
+                             "makes a worker re-establish a lost connection?")
+    tasks.record_order.apply_async(("drop-after",))
+    shop.wait_shipped(stack, ["drop-after"], "after the connections dropped")
+    runs = {o: shop.attempts(o) for o in orders}
+    ok(f"connections dropped mid-order: each shipped once (attempts {runs}); consuming again")
+
+
+def _restart(submit, drain_outbox, bound, broker, shop, worker, stack) -> None:
+    orders = ["down-1", "down-2", "down-3"]
+    broker.stop()
+    down = time.monotonic()
+    try:
+        for order in orders:
+            answer, took = _bounded(submit, order, what=f"submit({order!r})", limit=SUBMIT_WITHIN)
+            if took is None:
+                raise LabCheckFailed(
+                    f"With the broker down (connections refused), submit({order!r}) had not "
+                    f"returned after {SUBMIT_WITHIN:g} s: the request hangs. How many times, "
+                    "and for how long, does your publish retry?")
+            if answer != "outbox":
+                raise LabCheckFailed(
+                    f"With the broker down, submit({order!r}) returned {answer!r}: the order "
+                    "cannot have been sent. Keep it somewhere that is not the broker and return "
+                    "\"outbox\".")
+        while time.monotonic() - down < DOWN_FOR:  # the outage itself
+            time.sleep(0.05)
+    finally:
+        broker.start(watchdog=stack.watchdog)
+    up = time.monotonic()
+    limit = max(bound, 2 * DOWN_FOR) + 10  # wait past the bound, to report how long it took
+    while outage.consumers_waiting(shop.bq) == 0 and worker.alive and time.monotonic() - up < limit:
+        time.sleep(0.05)
+    back = time.monotonic() - up
+    if not worker.alive:
+        raise LabCheckFailed("The worker exited while the broker was down: which settings decide "
+                             "whether, and how many times, a worker reconnects?")
+    if back > bound:
+        raise LabCheckFailed(
+            f"The worker consumed again {back:.1f} s after the broker returned; you promised "
+            f"RECONNECT_WITHIN_S = {bound:g}. Chapter 9 showed when a worker tries again after a "
+            "lost connection: does your bound allow for that schedule?")
+    sent, _ = _bounded(drain_outbox, what="drain_outbox()", limit=10)
+    if sent is None:
+        raise LabCheckFailed("drain_outbox() had not returned after 10 s with the broker up.")
+    if sent != len(orders):
+        raise LabCheckFailed(f"drain_outbox() returned {sent!r} with the broker up again and 3 "
+                             "orders in the outbox: it must send them and return how many.")
+    shop.wait_shipped(stack, orders, "after the restart and drain_outbox()")
+    again, _ = _bounded(drain_outbox, what="drain_outbox()", limit=10)
+    if again:
+        raise LabCheckFailed(f"A second drain_outbox() sent {again!r} more: an order stays in "
+                             "the outbox after it was sent.")
+    ok(f"broker down {DOWN_FOR:g} s: submit() answered \"outbox\" fast; the worker consumed "
+       f"again {back:.1f} s after it returned (bound {bound:g} s); drained, each shipped once")
+
+
+def _frozen(submit, drain_outbox, broker, shop, stack) -> None:
+    with outage.frozen(broker):
+        answer, took = _bounded(submit, "frozen-1", what="submit('frozen-1')",
+                                limit=FROZEN_WITHIN)
+    if took is None:
+        answer.join(10)  # the thread: it returns now that the broker answers
+        raise LabCheckFailed(
+            f"With the broker frozen (it accepts connections and answers nothing), "
+            f"submit('frozen-1') had not returned after {FROZEN_WITHIN:g} s: the request hangs "
+            "as long as the broker does. What bounds how long a read from the broker waits?")
+    if answer not in ("sent", "outbox"):
+        raise LabCheckFailed(f"submit('frozen-1') returned {answer!r}: \"sent\" or \"outbox\".")
+    _bounded(drain_outbox, what="drain_outbox()", limit=10)
+    shop.wait_shipped(stack, ["frozen-1"], "after the freeze and drain_outbox()")
+    ok(f"broker frozen: submit() answered {answer!r} in {took:.1f} s; after the thaw it shipped "
+       f"once ({shop.attempts('frozen-1')} attempt(s))")
+
+
+def _stuck(probe, tasks, worker) -> None:
+    control = tasks.app.control
+    control.cancel_consumer("celery", destination=[worker.hostname], reply=True, timeout=3)
+    try:
+        if not control.ping([worker.hostname], timeout=3):
+            raise AssertionError("the stuck worker did not answer ping")  # the check's own bug
+        said, took = _bounded(probe, what="probe()", limit=PROBE_WITHIN)
+        if took is None or said is not False:
+            raise LabCheckFailed(
+                f"probe() said {said!r} (or did not answer within {PROBE_WITHIN:g} s) while the "
+                "worker consumed nothing from the queue. Its process ran and it answered ping: "
+                "what would only get done if the queue is really consumed?")
+    finally:
+        control.add_consumer("celery", destination=[worker.hostname], reply=True, timeout=3)
+    healthy, _ = _bounded(probe, what="probe()", limit=PROBE_WITHIN)
+    if healthy is not True:
+        raise LabCheckFailed(f"probe() said {healthy!r} once the worker consumed again: a probe "
+                             "that stays unhealthy pages for nothing.")
+    ok(f"worker alive and answering ping but not consuming: probe() said unhealthy in {took:.1f} "
+       "s, healthy again once it consumed")
