@@ -35,8 +35,11 @@
 
 # %%
 import os
+import sqlite3  # noqa: F401 (for your outbox, if you like)
 import time
 import uuid
+
+from kombu.exceptions import OperationalError  # noqa: F401 (what a failed publish raises)
 
 import celerylab
 from celerylab import outage
@@ -115,11 +118,8 @@ def record_order(order_id, seconds=0.0):
 # %%
 import lab09_tasks as tasks
 
+# %%
 ### BEGIN SOLUTION
-import sqlite3
-
-from kombu.exceptions import OperationalError
-
 # the outbox: a SQLite file beside the notebook, not the broker and not only memory
 OUTBOX = sqlite3.connect("lab09_outbox.sqlite3", check_same_thread=False)
 OUTBOX.execute("CREATE TABLE IF NOT EXISTS outbox (order_id TEXT PRIMARY KEY)")

@@ -9,6 +9,7 @@ asserted to apply, so a change to the solution cannot silently turn a wrong answ
 from __future__ import annotations
 
 import os
+import sqlite3
 import sys
 import time
 import uuid
@@ -16,6 +17,7 @@ import uuid
 import nbformat
 import pytest
 from conftest import ROOT, assert_verdict
+from kombu.exceptions import OperationalError
 
 from celerylab import outage
 from celerylab.checks import check_lab09
@@ -45,17 +47,18 @@ VARIANTS = {
     # an outbox of one file per order, and a publish that retries twice on its own policy
     "early ack, file outbox, bounded retry": [
         (ACKS, "    task_acks_late=False,\n"),
-        ("import sqlite3\n", "import pathlib\nimport sqlite3\n"),
         (SUBMIT, """        tasks.record_order.apply_async(
             (order_id,), retry=True,
             retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.1,
                           "interval_max": 0.1})
         return "sent\""""),
-        (OUTBOX_WRITE, """        folder = pathlib.Path("outbox-files")
+        (OUTBOX_WRITE, """        import pathlib
+        folder = pathlib.Path("outbox-files")
         folder.mkdir(exist_ok=True)
         (folder / f"{order_id}.order").write_text(order_id)
         return "outbox\""""),
-        (DRAIN_START, """    sent = 0
+        (DRAIN_START, """    import pathlib
+    sent = 0
     for path in sorted(pathlib.Path("outbox-files").glob("*.order")):
         try:
             tasks.record_order.apply_async((path.read_text(),), retry=False)
@@ -100,7 +103,8 @@ def _cells(variant: str) -> tuple[str, str]:
     nb = nbformat.read(ROOT / where / "lab09_broker_failures.ipynb", as_version=4)
     code = [c.source for c in nb.cells if c.cell_type == "code"]
     module = next(c for c in code if c.startswith("%%writefile lab09_tasks.py")).split("\n", 1)[1]
-    path = "\n".join(c for c in code if "def submit(" in c or "def probe(" in c)
+    path = "\n".join(c for c in code if "def submit(" in c or "def probe(" in c
+                     or c.startswith("import lab09_tasks"))
     for old, new in VARIANTS[variant]:
         hits = module.count(old) + path.count(old)
         assert hits == 1, (variant, old, hits)
@@ -115,7 +119,8 @@ def judge(stack, folder, variant, **_):
     sys.modules.pop("lab09_tasks", None)
     broker = outage.spare_broker(stack)
     os.environ["LAB09_BROKER"] = broker.url
-    scope = {"db": stack.redis, "uuid": uuid, "time": time, "os": os, "stack": stack}
+    scope = {"db": stack.redis, "uuid": uuid, "time": time, "os": os, "stack": stack,
+             "sqlite3": sqlite3, "OperationalError": OperationalError}
     try:
         exec(compile(path, "lab09 cells", "exec"), scope)
     except NotImplementedError:
