@@ -225,3 +225,15 @@ def processes_at_once(runs, per: str = "process") -> int:
         running[key] = running.get(key, 0) + step
         best = max(best, sum(1 for n in running.values() if n > 0))
     return best
+
+
+def all_finished(attempts) -> bool:
+    """Every task's latest delivery has finished. Earlier deliveries of a task may never finish
+    (held by a worker whose connection dropped, then restored and delivered again)."""
+    latest: dict[str, Attempt] = {}
+    for a in attempts:
+        when = a.received or a.started or 0.0
+        if a.id not in latest or when >= (latest[a.id].received or latest[a.id].started or 0.0):
+            latest[a.id] = a
+    return all(a.finished is not None for a in latest.values()
+               if a.received is not None or a.started is not None)

@@ -34,6 +34,7 @@ from kombu.exceptions import OperationalError
 import celerylab
 from celerylab import outage
 from celerylab.rabbit import rabbitmq_status, rabbitmq_url
+from celerylab.recording import all_finished
 
 stack = celerylab.start("ch09")
 db = stack.redis  # where the tasks write what they did
@@ -112,11 +113,10 @@ def runs(prefix):
 
 
 def settled():
-    """Nothing waits in the broker, nothing is unacknowledged, and every attempt the worker
-    received has finished. (A redelivered copy keeps its delivery tag: the first copy's ack
+    """Nothing waits in the broker, nothing is unacknowledged, and every order's latest delivery
+    has finished. (A redelivered copy keeps its delivery tag: the first copy's ack
     clears the `unacked` entry of a copy that has not run yet.)"""
-    return bq.llen("celery") == 0 and bq.hlen("unacked") == 0 and all(
-        a.finished for a in stack.records() if a.received or a.started)
+    return bq.llen("celery") == 0 and bq.hlen("unacked") == 0 and all_finished(stack.records())
 
 # %% [markdown]
 # ## 1. Every connection dropped
@@ -407,6 +407,7 @@ for i in range(4):
     f.ship.delay(f"fo-{i}", 1.0)
 stack.wait_until(lambda: len(runs("fo-")) == 2, 10, "two orders running")
 primary = redis.Redis(port=sentinel_set.primary_port(), socket_timeout=2)
+assert primary.wait(1, 5000) == 1  # the replica has everything so far (WAIT)
 # a partition: the replica cut off, then 5 reports published that only the primary receives
 sentinel_set.cut_off_replica()
 for i in range(5):

@@ -89,7 +89,7 @@ VARIANTS = {
     "outbox in the broker": [(OUTBOX_WRITE, """        import redis
         redis.Redis.from_url(os.environ["LAB09_BROKER"]).rpush("outbox", order_id)
         return "outbox\"""")],
-    "probe pings": [(PROBE_BODY, """    return bool(tasks.app.control.ping(timeout=1))
+    "probe pings": [(PROBE_BODY, """    return bool(tasks.app.control.ping(timeout=3))
     canary = None""")],
     "bound too tight": [(BOUND, "RECONNECT_WITHIN_S = 1")],
     "no reconnect": [(RETRY_SETTING, "    broker_connection_retry=False,\n")],
@@ -134,8 +134,8 @@ def judge(stack, folder, variant, **_):
     ("probe by the queue's own state", None),
     ("stub", "lab09_tasks.py is not written yet"),
     ("acks_late, not idempotent", "drop-[12] shipped 2 times"),
-    ("publish retries forever", r"broker down.*had not returned after 2 s"),
-    ("no socket timeout", r"frozen.*had not returned after 3 s"),
+    ("publish retries forever", r"broker down.*had not returned after [\d.]+ s"),
+    ("no socket timeout", r"frozen.*had not returned after [\d.]+ s"),
     ("outbox in the broker", r"submit\('down-1'\) raised ConnectionError"),
     ("probe pings", "answered ping"),
     ("bound too tight", r"consumed again \d+\.\d s after the broker returned; you promised "
