@@ -286,11 +286,18 @@ assert peaks["burst"]["depth"] > peaks["stall"]["depth"] > 0, "depth ranks them 
 assert peaks["stall"]["oldest age (s)"] > peaks["burst"]["oldest age (s)"], "lag ranks them right"
 fired_after = [round(t - t_freeze, 1) for t in firing_at[:1]]
 frozen_for = t_rescue - t_freeze  # planned 6.5 s; a late freeze (a slow redraw) leaves less
-if busy or stall_gap > 0.8 or frozen_for < RULE.above + RULE.for_seconds + 1:
+# the same-run truth: when the stalled queue's oldest message (as measured) had waited `above`
+# plus `for` seconds, the rule was due; on a busy machine that can come only after the rescue
+due_at = next((s.t for s in series["stall"]
+               if (s.oldest_age or 0) >= RULE.above + RULE.for_seconds), None)
+due_before_rescue = None if due_at is None else t_rescue - due_at
+if busy or stall_gap > 0.8 or due_before_rescue is None or due_before_rescue < stall_gap + 0.5:
     # the alert's timing: judged only when the workers, the sampler and the load kept up
     print(f"Alert for the stall {fired_after} s after the freeze: not judged, the machine is too "
           f"busy right now (sampler's longest gap {stall_gap:.1f} s; the rescuer came "
-          f"{frozen_for:.1f} s after the freeze, 6.5 s planned).")
+          f"{frozen_for:.1f} s after the freeze, 6.5 s planned; the rule was due "
+          f"{due_before_rescue if due_before_rescue is None else round(due_before_rescue, 1)} s "
+          "before it).")
 else:
     assert firing_at and t_freeze + RULE.above + RULE.for_seconds - 0.5 <= firing_at[0] < t_rescue, \
         f"fired {fired_after} s after the freeze; the rescuer came {t_rescue - t_freeze:.1f} s after"
@@ -559,9 +566,9 @@ if prometheus:
     # `stall_gap` apart) of its oldest waiting message; Prometheus must agree when they stayed
     # clearly under the rule's 3 s
     burst_margin = RULE.above - peaks["burst"]["oldest age (s)"] - stall_gap
-    if "0" in up or frozen_for < RULE.above + RULE.for_seconds + 1:
-        print("Some scrapes failed, or the freeze started late, on this busy machine, so which "
-              "alerts fired is not judged.")
+    if "0" in up or due_before_rescue is None or due_before_rescue < stall_gap + 1.5:
+        print("Some scrapes failed, or the stall's rule came due late, on this busy machine, so "
+              "which alerts fired is not judged.")
     else:
         assert "stall" in fired_for, fired
         if busy or burst_took[0] > 2.0 or burst_margin < 0.5:
