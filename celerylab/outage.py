@@ -25,10 +25,11 @@ from celerylab.stack import remember_broker
 MASTER = "celerylab"
 
 
-def spare_broker(stack, name: str = "spare") -> RedisServer:
+def spare_broker(stack, name: str = "spare", appendonly: bool = False) -> RedisServer:
     """Another redis-server of the course's own, stopped with ``stack``: a broker to break while
-    the notebook's own Redis (where tasks record what they did) stays up."""
-    server = RedisServer(stack.rundir / name).start(watchdog=stack.watchdog)
+    the notebook's own Redis (where tasks record what they did) stays up. ``appendonly``: what
+    it holds survives a restart (an append-only file, fsync'ed on every write)."""
+    server = RedisServer(stack.rundir / name, appendonly=appendonly).start(watchdog=stack.watchdog)
     stack.services.append(server)
     remember_broker(server.url)
     return server

@@ -24,6 +24,11 @@
 # | the broker stopped for 2.5 s, then started (empty) | `submit` answers `"outbox"` within 2 s each; after `drain_outbox()` each order ships once; the worker consumes again within `RECONNECT_WITHIN_S` (at most 30) of the broker's return |
 # | the broker frozen (SIGSTOP) | `submit` answers within 3 s; after the thaw and `drain_outbox()` the order ships once |
 # | the worker stops consuming, still answering `ping` | `probe()` says unhealthy (within 10 s), then healthy again once it consumes |
+# | your module on a Redis Sentinel set; the primary killed with two orders running | `submit` answers within 2 s; the worker consumes again within `RECONNECT_WITHIN_S` of the promotion; after `drain_outbox()` each order ships once |
+#
+# (After a failover, the orders that were running are acknowledged to a primary that is gone:
+# under `acks_late` they come back after the visibility timeout, an hour later. The check cannot
+# wait that long; your idempotent `record_order` is what makes that harmless.)
 #
 # Chapter 9 has everything you need. The outbox must survive what the broker does (so not in
 # the broker) and a restart of this process (so not only in memory).
@@ -71,6 +76,8 @@ app.conf.update(
     accept_content=["json"],
     task_ignore_result=True,
     broker_connection_retry_on_startup=True,
+    # the name a Redis Sentinel set knows its primary by (used when the broker is sentinel://)
+    broker_transport_options={"master_name": "celerylab"},
 )
 db = redis.Redis.from_url(os.environ["CELERYLAB_BROKER_URL"])  # the shop's database
 
@@ -81,7 +88,8 @@ app.conf.update(
     broker_connection_retry=True,
     broker_connection_max_retries=None,  # never give up on the broker
     # a frozen broker: every read and connect gives up after 0.5 s...
-    broker_transport_options={"socket_timeout": 0.5, "socket_connect_timeout": 0.5},
+    broker_transport_options={**app.conf.broker_transport_options,
+                              "socket_timeout": 0.5, "socket_connect_timeout": 0.5},
     # ...and a publish tries twice at most
     task_publish_retry_policy={"max_retries": 1, "interval_start": 0, "interval_step": 0.2,
                                "interval_max": 0.2},

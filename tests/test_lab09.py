@@ -25,8 +25,8 @@ from celerylab.checks import check_lab09
 pytestmark = pytest.mark.usefixtures("hog")
 
 ACKS = "    task_acks_late=True,  # a dropped connection or a dead worker gives the order back\n"
-TIMEOUTS = ('    broker_transport_options={"socket_timeout": 0.5, "socket_connect_timeout": 0.5},'
-            "\n")
+TIMEOUTS = ('    broker_transport_options={**app.conf.broker_transport_options,\n'
+            '                              "socket_timeout": 0.5, "socket_connect_timeout": 0.5},\n')
 RETRY_SETTING = "    broker_connection_retry=True,\n"
 BOUND = "RECONNECT_WITHIN_S = 10"
 SHIP = 'SHIP_ONCE(keys=[f"shipped:{order_id}", "shipped"], args=[order_id, 7 * 24 * 3600])'
@@ -94,6 +94,9 @@ VARIANTS = {
     "bound too tight": [(BOUND, "RECONNECT_WITHIN_S = 1")],
     "no reconnect": [(RETRY_SETTING, "    broker_connection_retry=False,\n")],
     "drain keeps sent rows": [(DELETE, "")],
+    # the transport options replaced: right on a plain Redis, lost on a Sentinel set
+    "master_name dropped": [(TIMEOUTS, '    broker_transport_options={"socket_timeout": 0.5, '
+                                       '"socket_connect_timeout": 0.5},\n')],
 }
 
 
@@ -142,8 +145,10 @@ def judge(stack, folder, variant, **_):
                         r"RECONNECT_WITHIN_S = 1"),
     ("no reconnect", "The worker exited"),
     ("drain keeps sent rows", "A second drain_outbox"),
+    ("master_name dropped", "could not find the primary"),
 ])
 def test_lab09_checker(verdict, variant, hint):
     out = assert_verdict(verdict, hint)
     if hint is None:
         assert "Lab 9 passed" in out and "probe() said unhealthy" in out
+        assert "primary killed with orders in flight" in out
