@@ -75,10 +75,11 @@ HINTS: dict[str, list[str]] = {
         "(chapter 4's tools). A request must never wait on the broker for long: bound every "
         "read and every retry, and keep what could not be sent in a store of its own. A worker "
         "that answers ping proves only its control channel.",
-        "Bounded: `broker_transport_options` socket and connect timeouts, a publish retry "
-        "policy with few retries (or none). The outbox: a file or a small database beside this "
-        "notebook, rows deleted only once sent. The probe: send something through the queue and "
-        "see whether it gets done in time. The bound: kombu tries again 2 s, 4 s, 6 s ... apart.",
+        "Bound every wait on the broker: reads, connects, and the publish's own retrying "
+        "(chapter 9 measured what `retry=False` does and does not bound). The outbox outlives "
+        "the broker and this process, and forgets an order only once it was sent. The probe "
+        "asks for work, not for an answer. The reconnect bound follows kombu's schedule to its "
+        "end.",
     ],
     "lab08": [
         "Take the incidents one at a time, in the order the final check reports them. For each, "
