@@ -260,6 +260,15 @@ def _dropped(tasks, shop, worker, stack) -> None:
         raise LabCheckFailed("The worker exited after its connection dropped: which setting "
                              "makes a worker re-establish a lost connection?")
     tasks.record_order.apply_async(("drop-after",))
+    deadline = time.monotonic() + SETTLE  # shipped, or the worker gone (it may take a while)
+    while not shop.shipped("drop-after") and worker.alive and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if not worker.alive:
+        raise LabCheckFailed("The worker exited after its connection dropped: which setting "
+                             "makes a worker re-establish a lost connection?")
+    if not shop.shipped("drop-after"):
+        raise LabCheckFailed(f"After its connections dropped, the worker (alive) did not ship "
+                             f"an order sent {SETTLE:g} s before: does it consume again?")
     shop.wait_shipped(stack, ["drop-after"], "after the connections dropped")
     runs = {o: shop.attempts(o) for o in orders}
     ok(f"connections dropped mid-order: each shipped once (attempts {runs}); consuming again")
