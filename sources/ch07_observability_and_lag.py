@@ -130,15 +130,15 @@ assert r.llen("parked") == 3 and observe.depth(r, "parked") == 5, "the bare list
 assert 0.25 <= observe.oldest_age(r, "parked") <= time.time() - first_sent, "the first one's age"
 
 # %% [markdown]
-# In flight: a one-child worker (prefetch 1, early ack) busy with a 1 s task holds one more
+# In flight: a one-child worker (prefetch 1, early ack) busy with a 2.5 s task holds one more
 # message; it has left the Redis list but is not done. Redis counts it in `unacked`, the worker
 # lists it in `inspect().reserved()`, and `observe.in_flight` groups `unacked` by queue.
 
 # %%
 holder = stack.spawn_worker("ch07_tasks", name="holder", queues=["held"], concurrency=1,
                             prefetch_multiplier=1)
-for _ in range(3):
-    ch07_tasks.work.apply_async((1.0,), queue="held")
+for _ in range(3):  # 2.5 s each: the first is still running when a busy machine reads the rest
+    ch07_tasks.work.apply_async((2.5,), queue="held")
 inspect = stack.control.control.inspect(destination=[holder.hostname], timeout=1)
 stack.wait_until(lambda: (inspect.active() or {}).get(holder.hostname), 10,  # None: no reply yet
                  "the first task to start")
