@@ -387,14 +387,14 @@ assert done_marker == b"done" and 86000 < ttl <= 86400
 # (an operator's clean-up of `celery-*` keys, or a `FLUSHDB` of the result backend).
 
 # %%
-# %%writefile ch10_brief.py
+# %%writefile ch10_brief_tasks.py
 """The same report parts, on an app that keeps results for 2 s."""
 
 import os
 
 from celery import Celery
 
-app = Celery("ch10_brief", broker=os.environ["CELERYLAB_BROKER_URL"],
+app = Celery("ch10_brief_tasks", broker=os.environ["CELERYLAB_BROKER_URL"],
              backend=os.environ["CELERYLAB_BROKER_URL"])
 app.conf.update(task_serializer="json", result_serializer="json", accept_content=["json"],
                 broker_connection_retry_on_startup=True, task_default_queue="brief",
@@ -402,9 +402,9 @@ app.conf.update(task_serializer="json", result_serializer="json", accept_content
 import ch10_tasks  # noqa: E402, F401 (its tasks are shared: this app runs them too)
 
 # %%
-from ch10_brief import app as brief
+from ch10_brief_tasks import app as brief
 
-w_brief = stack.spawn_worker("ch10_brief", name="brief", queues=["brief"], concurrency=2)
+w_brief = stack.spawn_worker("ch10_brief_tasks", name="brief", queues=["brief"], concurrency=2)
 expiring = chord([brief.signature("ch10_tasks.part", ("r-exp", i, 3.0)) for i in range(2)],
                  brief.signature("ch10_tasks.combine", ("r-exp",))).apply_async()
 deleted = chord([t.part.s("r-del", i, 1.0) for i in range(2)], t.combine.s("r-del")).apply_async()
@@ -453,6 +453,11 @@ w_brief.stop()
 # | a header task retries | all ran | ran, with every value | none | the report, late |
 # | its state expired (`result_expires` shorter than the header) | all ran | never ran | **none** | nothing: `PENDING` forever |
 # | its keys deleted mid-chord | all ran | never ran | **none** | nothing |
+#
+# The body's error callback was called once, with the `ChordError`: with
+# `task_allow_error_cb_on_chord_header=False` (the default) a chord's `link_error` is linked to its
+# body only. Celery 5.7 says, in a `CPendingDeprecationWarning` that Python hides by default, that
+# this default is pending deprecation; with `True`, each header task gets the callback too.
 #
 # The header's last task found no chord size (`.s`) and so nothing to complete: no error, no log
 # line. Keep `result_expires` (the chord's expiry) far longer than any header can take, including

@@ -172,7 +172,7 @@ def side_by_side(request):
          # what each answer's worker launcher needs (celerylab.celery_worker.import_worker)
          "celery.apps.worker", "celery.worker.consumer", "celery.concurrency.prefork",
          "kombu.transport.redis", "celery.backends.redis", "billiard.pool",
-         *sorted(p.stem for p in (ROOT / "tests").glob("test_lab0*.py"))])
+         *sorted(p.stem for p in (ROOT / "tests").glob("test_lab[0-9]*.py"))])
     before = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests"), str(ROOT)])
     try:

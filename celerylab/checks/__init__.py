@@ -21,8 +21,9 @@ from celerylab.checks.lab08 import (
                                     check_lab08_tests,
 )
 from celerylab.checks.lab09 import check_lab09
+from celerylab.checks.lab10 import check_lab10
 
 __all__ = ["LabCheckFailed", "MachineTooBusy", "check_lab01", "check_lab02", "check_lab03",
            "check_lab04", "check_lab05", "check_lab06", "check_lab07", "check_lab08",
            "check_lab08_contracts", "check_lab08_note", "check_lab08_observability",
-           "check_lab08_tests", "check_lab09", "hint", "hint_button", "run_lab02_workload"]
+           "check_lab08_tests", "check_lab09", "check_lab10", "hint", "hint_button", "run_lab02_workload"]

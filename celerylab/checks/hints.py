@@ -95,6 +95,19 @@ HINTS: dict[str, list[str]] = {
         "threshold sits between what the checkout queue's lag reaches during a burst and what "
         "it reaches within the 4 s stall; ask it to hold for a reading or two.",
     ],
+    "lab10": [
+        "Take the orders one at a time, as the check reports them. Chapter 10 counted what a "
+        "failing step, a retrying step, a crash and a lost chord each do to a workflow: which "
+        "of them is your order meeting?",
+        "Every step can run twice (a retry, a redelivery): the partners act once per key, if the "
+        "key is the same each time. An error that will never go away must end the order; one "
+        "that may go away is worth another try, later. A receipt must know that every "
+        "shipment succeeded.",
+        "Some failures call no error callback at all: a process killed, a chord whose state is "
+        "gone. Only a look from outside, at orders older than a deadline with no outcome, finds "
+        "them; remember when each order was placed. A crash is survived by the acknowledgement "
+        "mode that gives a running step back.",
+    ],
 }
 
 _given: dict[str, int] = {}
