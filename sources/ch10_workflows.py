@@ -22,6 +22,7 @@
 
 # %%
 import json
+import os
 import time
 from itertools import pairwise
 
@@ -64,8 +65,9 @@ app.conf.update(
     broker_connection_retry_on_startup=True,
     # --- the defaults of celery 5.7 a canvas leans on, written out ---
     task_acks_late=False,  # a step is acknowledged when it starts
-    task_ignore_result=False,  # results are stored: a chord's join reads them
-    result_expires=timedelta(days=1),  # results, and a chord's state, live a day
+    task_ignore_result=False,  # results are stored (a chord's join on Redis does not need them)
+    result_expires=timedelta(days=1),  # results live a day...
+    result_chord_expires=None,  # ...and a chord's state as long (None: result_expires)
     result_chord_join_timeout=3.0,  # s
     result_backend_transport_options={},  # result_chord_ordered: True (a sorted set)
     task_allow_error_cb_on_chord_header=False,  # a chord's link_error goes to its body only
@@ -172,7 +174,8 @@ def combine(values, order):
 
 @app.task
 def report_error(request, exc, traceback):
-    """An error callback (link_error): Celery calls it in the process that saw the failure."""
+    """An error callback (link_error): Celery calls it in the process that stores the failure
+    (for a chord's body, the process of the header task that completed the count)."""
     db.rpush("errors", json.dumps({"task": request.task, "id": request.id, "exc": repr(exc),
                                    "pid": os.getpid()}))
 
@@ -181,7 +184,8 @@ import ch10_tasks as t
 from celery import Celery
 
 defaults = Celery(set_as_current=False).conf
-for key in ("task_acks_late", "task_ignore_result", "result_expires", "result_chord_join_timeout",
+for key in ("task_acks_late", "task_ignore_result", "result_expires", "result_chord_expires",
+            "result_chord_join_timeout",
             "result_backend_transport_options", "task_allow_error_cb_on_chord_header"):
     assert t.app.conf[key] == defaults[key], key  # written out, and still the defaults
 
@@ -232,6 +236,7 @@ for r in runs(order):
 ran = runs(order)
 for before, after in pairwise(ran):  # each step was sent by the pid that ran the one before
     assert after["origin"].startswith(f"gen{before['pid']}@")
+assert ran[0]["origin"].startswith(f"gen{os.getpid()}@")  # the kernel sent only the first
 assert ran[2]["trail"] == ["validate", "charge"] and ran[3]["trail"] is None  # .s vs .si
 
 # %% [markdown]
@@ -246,7 +251,8 @@ assert ran[2]["trail"] == ["validate", "charge"] and ran[3]["trail"] is None  # 
 #
 # ## 2. A failing step, a retrying step, and `link_error`
 #
-# Now `charge` raises. `link_error` on a chain is given to every step; celery calls the error
+# Now `charge` raises. `link_error` on a chain is linked to each of its steps
+# (`_chain.prepare_steps`); celery calls the error
 # callback in the process that saw the failure (a task whose parameters are
 # `(request, exc, traceback)` is called there directly, not sent).
 
@@ -300,11 +306,12 @@ assert steps(order) == ["validate", "charge", "charge", "ship"] and late_by >= 1
 # in chapter 4.
 
 # %%
+crashed = {}
 for order, task in (("early", t.charge), ("late", t.charge_late)):
     crashing = chain(t.step.s(None, order, "validate"), task.s(order, 1.5),
                      t.step.s(order, "ship"))
     crashing.link_error(t.report_error.s())
-    crashing.apply_async()
+    crashed[order] = crashing.apply_async()
 stack.wait_until(lambda: steps("early")[-1:] == ["charge"] and steps("late")[-1:] == ["charge"],
                  10, "both charges running")
 w.kill()
@@ -320,6 +327,7 @@ for order in ("early", "late"):
 print("error callbacks for either:", [e for e in errors() if "early" in e["exc"] or "late" in e["exc"]])
 assert held == 1 and steps("early") == ["validate", "charge"] and "early" not in charged
 assert steps("late") == ["validate", "charge", "charge", "ship"] and charged["late"] == 1
+assert crashed["late"].get(timeout=5) and crashed["early"].state == "PENDING"
 assert len(errors()) == 1  # section 2's: none for either crash
 
 # %% [markdown]
@@ -333,9 +341,10 @@ assert len(errors()) == 1  # section 2's: none for either crash
 # callback ran: `link_error` is called by a process that sees an exception, and the process was
 # killed. Under `acks_late` the running step came back (after the visibility timeout, an hour
 # in production) and ran again, so each step must be idempotent, and the rest followed.
-# A chain also has a window of its own, which this cell does not hit: a step sends the next one
-# from inside its own run (`celery/app/trace.py`), before a late acknowledgement, so a crash in
-# that instant, under `acks_late`, runs the step again **and sends the next step twice**.
+# A chain also has a window of its own, which this cell does not hit: a step's process sends the
+# next step as soon as the step's function returns, before it stores the result and before a late
+# acknowledgement (`celery/app/trace.py`), so a crash in that instant, under `acks_late`, runs the
+# step again **and sends the next step twice**.
 # Idempotent steps make that harmless too.
 #
 # So a workflow needs a check that does not depend on any of its own steps running: a sweep that
@@ -364,20 +373,23 @@ joining = stack.wait_until(lambda: (keys := chord_keys()).get("j") and keys, 5,
                            "the header's first results")
 print("sum:", result.get(timeout=10))
 after = chord_keys()
-done_marker = db.get(next(db.scan_iter("celery-taskset-meta-*.c")))
+marker = next(db.scan_iter("celery-taskset-meta-*.c"))
+done_marker, marker_ttl = db.get(marker), db.ttl(marker)
 ttl = db.ttl(f"celery-task-meta-{result.id}")
 print("while it runs:", during, "\nas parts return:", joining, "\nafter the body ran:", after,
       "=", done_marker, f"\nthe body's result expires in {ttl} s (result_expires)")
 assert during == {"s": "string"} and {"s", "j", "d"} <= set(joining) and after == {"c": "string"}
-assert done_marker == b"done" and 86000 < ttl <= 86400
+assert done_marker == b"done" and 290 < marker_ttl <= 300 and 86000 < ttl <= 86400
 
 # %% [markdown]
 # * `.s` (the chord's **size**) is written when the chord is sent, with the chord's expiry
-#   (`result_expires`);
+#   (`result_chord_expires`, which falls back to `result_expires`), renewed each time a header
+#   task returns;
 # * as header tasks return: `.j` holds their results (a sorted set: `result_chord_ordered`),
 #   `.d` the ids already counted, so a header task delivered twice counts once (celery 5.7);
 # * the one that completes the count claims `.c`, sends the body, deletes the rest, and leaves
-#   `.c` = `done` for five minutes, so a late duplicate cannot send the body again.
+#   `.c` = `done` for five minutes (its TTL, read above), so a late duplicate cannot send the
+#   body again.
 #
 # Each header task's own result stays too (`celery-task-meta-<id>`), for a day.
 #
@@ -419,13 +431,19 @@ for key in db.scan_iter(f"celery-taskset-meta-{deleted.parent.id}.*"):  # a clea
     db.delete(key)
 try:
     failed.get(timeout=10)
-except Exception as exc:
-    print("r-fail: result.get() raised", type(exc).__name__, exc)
+    raised = None
+except ValueError as exc:  # the result apply_async returned checks its parent, the header, first
+    raised = exc
+print("r-fail: result.get() raised", repr(raised))
 chord_errors = stack.wait_until(lambda: [e["exc"] for e in errors() if "ChordError" in e["exc"]],
                                 5, "the body's error callback")
 print("r-fail's body:", failed.state, repr(failed.result), "\n  error callback:", chord_errors)
 print("r-retry:", retried.get(timeout=10), steps("r-retry"))
 assert "combine" not in steps("r-fail") and isinstance(failed.result, ChordError)
+assert sorted(steps("r-fail")) == ["part0", "part1", "part2"] and "part 1" in str(raised)
+left = {k.decode().rsplit(".", 1)[-1] for k in db.scan_iter(f"celery-taskset-meta-{failed.parent.id}.*")}
+print("r-fail's chord state left behind:", sorted(left))
+assert {"j", "d"} <= left and "s" not in left  # the size deleted; the results stay
 assert len(chord_errors) == 1 and "part 1 failed" in chord_errors[0]
 assert steps("r-retry")[-1] == "combine" and sorted(runs("r-retry")[-1]["values"]) == [0, 1]
 
@@ -449,9 +467,9 @@ w_brief.stop()
 # %% [markdown]
 # | chord | header | body | error | what the team sees |
 # |---|---|---|---|---|
-# | a header task fails | the others ran | never ran | `ChordError: Dependency ... raised ...`, stored as the body's result (its `.get()` raises the header's own error), given to the body's `link_error` | an error, if someone looks at the body |
+# | a header task fails | the others ran | never ran | `ChordError: Dependency ... raised ...`, stored as the body's result (the `.get()` of what `apply_async` returned raises the header's own error first), given to the body's `link_error`; `.j` and `.d` left for the chord's expiry (and the dispatch claim `.c` for seconds) | an error, if someone looks at the body |
 # | a header task retries | all ran | ran, with every value | none | the report, late |
-# | its state expired (`result_expires` shorter than the header) | all ran | never ran | **none** | nothing: `PENDING` forever |
+# | its state expired (the chord's expiry shorter than a gap between header returns, or before the first) | all ran | never ran | **none** | nothing: `PENDING` forever |
 # | its keys deleted mid-chord | all ran | never ran | **none** | nothing |
 #
 # The body's error callback was called once, with the `ChordError`: with
@@ -460,8 +478,8 @@ w_brief.stop()
 # this default is pending deprecation; with `True`, each header task gets the callback too.
 #
 # The header's last task found no chord size (`.s`) and so nothing to complete: no error, no log
-# line. Keep `result_expires` (the chord's expiry) far longer than any header can take, including
-# its retries and a redelivery an hour later; never delete `celery-*` keys of a live system; and
+# line. Keep the chord's expiry (`result_chord_expires`, or `result_expires`) far longer than any
+# header can take, including its retries and a redelivery an hour later; never delete `celery-*` keys of a live system; and
 # watch the workflow from outside (section 3's sweep).
 #
 # A chord's cost is in the backend. A chord over 300 tiny tasks:
@@ -487,7 +505,8 @@ assert added_keys == 302  # a result per header task, one for the body, the done
 #
 # ## 5. Without a result backend
 #
-# A chain needs no backend: its progress travels in the messages. A chord cannot be sent
+# A chain needs nothing from a backend: its progress travels in the messages, so a sender with
+# no backend can start one (here the worker's app still has one). A chord cannot even be sent
 # without one. And `ignore_result=True` on header tasks does **not** break a chord on Redis:
 # the worker still hands each header task's result to the chord's join, it just does not store
 # it under the task's own id (`Backend.mark_as_done`). A group's results, though, cannot be
@@ -499,8 +518,10 @@ bare.conf.update(task_serializer="json", accept_content=["json"])
 try:
     chord([bare.signature("ch10_tasks.part", ("bare", 0))],
           bare.signature("ch10_tasks.combine", ("bare",))).apply_async()
+    refused = ""
 except NotImplementedError as exc:
-    print("chord without a backend:", str(exc).splitlines()[0])
+    refused = str(exc).splitlines()[0]
+print("chord without a backend:", refused)
 chain(bare.signature("ch10_tasks.step", (None, "bare", "a")),
       bare.signature("ch10_tasks.step", ("bare", "b"))).apply_async()
 stack.wait_until(lambda: steps("bare") == ["a", "b"], 5, "the chain without a backend")
@@ -510,9 +531,12 @@ result = chord([t.part.s("quiet", i).set(ignore_result=True) for i in range(3)],
                t.combine.s("quiet")).apply_async()
 print("chord over ignore_result tasks:", result.get(timeout=10))
 g = group(t.part.s("quiet-g", i).set(ignore_result=True) for i in range(3)).apply_async()
-stack.wait_until(lambda: len(steps("quiet-g")) == 3, 5, "the group")
-print("their group's result is ready:", g.ready())
-assert steps("bare") == ["a", "b"] and result.result == 3 and not g.ready()
+stack.wait_until(lambda: len(stack.records([r.id for r in g.results])) == 3 and all(
+    a.finished for a in stack.records([r.id for r in g.results])), 5, "the group's tasks to end")
+stored = db.exists(*[f"celery-task-meta-{r.id}" for r in g.results])
+print("their group's tasks ended; results stored:", stored, "; ready:", g.ready())
+assert refused and steps("bare") == ["a", "b"] and result.result == 3
+assert stored == 0 and not g.ready()
 
 # %% [markdown]
 # ## 6. Alternatives, side by side
