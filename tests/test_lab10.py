@@ -61,6 +61,11 @@ VARIANTS = {
     "chain swallows errors": [
         (ON_TIMEOUT, "    except Declined:\n        return None\n" + ON_TIMEOUT)],
     "receipt assumes every shipment": [(SHIP_CALL, SHIP_OR_NONE)],
+    # "it probably went through": a timeout before the bank charged ships an unpaid order
+    "a timeout taken for a success": [
+        (ON_TIMEOUT, "    except GatewayTimeout:\n        return None\n" + ON_TIMEOUT)],
+    "a fresh receipt key per attempt": [
+        (RECEIPT_CALL, '    send_receipt(order_id, tracking, idempotency_key=os.urandom(8).hex())')],
     "errback only, no sweep": [(AGE_TEST, "        if False and not")],
     "sweep ignores age": [(AGE_TEST, "        if True and not")],
 }
@@ -89,12 +94,14 @@ def judge(stack, folder, variant, **_):
     ("receipt checks, sweep records all", None),
     ("autoretry, order id as key", None),
     ("stub", "lab10_tasks.py is not written yet"),
-    ("no idempotency key", "timeout was charged 2 times"),
+    ("no idempotency key", "timeout-after was charged 2 times"),
     ("a fresh key per attempt", "crash-chord's lamp was shipped 2 times"),
     ("early ack", r"crash-\w+ never finished after the worker was killed"),
-    ("no retry on a timeout", "timeout never finished after the bank timed out once"),
+    ("no retry on a timeout", "timeout-after never finished after the bank charged it"),
     ("chain swallows errors", "declined's card was refused, and yet it shipped"),
     ("receipt assumes every shipment", "nostock got a receipt"),
+    ("a timeout taken for a success", "timeout-before shipped without being charged"),
+    ("a fresh receipt key per attempt", "crash-receipt got 2 receipts"),
     ("errback only, no sweep", r"expired's chord state was deleted.*did not record it"),
     ("sweep ignores age", "recorded young"),
 ])

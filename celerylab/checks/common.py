@@ -57,6 +57,30 @@ def call_learner(fn, *args, what: str):
                              "Run it by hand on the example above to see where it breaks.") from None
 
 
+def call_within(fn, *args, what: str, limit: float):
+    """``call_learner`` in a thread, bounded: a call still running after ``limit`` seconds is a
+    hint (left to finish on its own), never a hang of the check."""
+    import threading
+    box: dict = {}
+
+    def run():
+        try:
+            box["value"] = call_learner(fn, *args, what=what)
+        except BaseException as exc:  # noqa: BLE001 (re-raised in the checker's thread)
+            box["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(limit)
+    if thread.is_alive():
+        raise LabCheckFailed(f"{what} had not returned after {limit:.0f} s. Does it wait for "
+                             "something (a task's result, a lock)? It should do its part and "
+                             "return.")
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
+
+
 def checker(fn):
     """Wrap a lab checker: whatever the learner's answer does, the learner sees a hint, never a
     traceback from celerylab. A ``CourseError`` (a hint, or a course message such as a worker that
