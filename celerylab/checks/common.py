@@ -57,6 +57,23 @@ def call_learner(fn, *args, what: str):
                              "Run it by hand on the example above to see where it breaks.") from None
 
 
+def import_answer(name: str):
+    """The learner's task module ``name``, imported afresh (its cell may have rewritten it since);
+    a stub or a module that does not import is a hint."""
+    import importlib
+    import sys
+    try:
+        if name in sys.modules:
+            return importlib.reload(sys.modules[name])
+        return importlib.import_module(name)
+    except NotImplementedError:
+        raise LabCheckFailed(f"{name}.py is not written yet: fill in its marked places, run "
+                             "that cell, then this check again.") from None
+    except Exception as exc:
+        raise LabCheckFailed(f"{name}.py does not import: {type(exc).__name__}: {exc}\n"
+                             f"Run `import {name}` in a cell to see where it breaks.") from None
+
+
 def call_within(fn, *args, what: str, limit: float):
     """``call_learner`` in a thread, bounded: a call still running after ``limit`` seconds is a
     hint (left to finish on its own), never a hang of the check."""

@@ -32,14 +32,12 @@ guarded (a stub, a crash or a hang gives a hint). Verdicts are counts, never tim
 from __future__ import annotations
 
 import gc
-import importlib
 import json
-import sys
 import time
 
 from celerylab import recording
 from celerylab.capstone import age_unacked
-from celerylab.checks.common import LabCheckFailed, call_within, checker, ok
+from celerylab.checks.common import LabCheckFailed, call_within, checker, import_answer, ok
 
 MODULE = "lab10_tasks"
 ITEMS = ["book", "lamp"]
@@ -60,18 +58,8 @@ KNOWN_LISTS = {"celery", "lab10:calls", recording.EVENTS}
 
 
 def _module():
-    """The learner's task module, imported afresh (it was rewritten since)."""
-    try:
-        if MODULE in sys.modules:
-            module = importlib.reload(sys.modules[MODULE])
-        else:
-            module = importlib.import_module(MODULE)
-    except NotImplementedError:
-        raise LabCheckFailed("lab10_tasks.py is not written yet: fill in its marked places, run "
-                             "that cell, then this check again.") from None
-    except Exception as exc:
-        raise LabCheckFailed(f"lab10_tasks.py does not import: {type(exc).__name__}: {exc}\n"
-                             "Run `import lab10_tasks` in a cell to see where it breaks.") from None
+    """The learner's task module, with the functions the check calls."""
+    module = import_answer(MODULE)
     missing = [n for n in NAMES if not callable(getattr(module, n, None))]
     if missing:
         raise LabCheckFailed(f"lab10_tasks.py has no {', '.join(missing)}: keep the functions the "
