@@ -57,6 +57,40 @@ def pytest_configure(config):
         plugin.IPyNbFile.collect = collect
 
 
+# The order files are handed to xdist's processes (./course test passes --dist loadfile and
+# --no-loadscope-reorder): the longest first, so that no long file starts last and runs alone
+# while the other processes idle (xdist's default hands out the files with the most items first:
+# notebooks, whose cells are items, before the lab modules, a few items of a minute each). Serial
+# seconds per file from a clean-clone run (docs/benchmarks.md, session 17); it only orders, and a
+# file missing from it gets its kind's typical time.
+COST = {
+    "tests/test_lab02.py": 125, "tests/test_lab04.py": 111, "notebooks/ch02_worker_processes.ipynb": 109,
+    "tests/test_lab07.py": 102, "notebooks/ch07_observability_and_lag.ipynb": 98,
+    "notebooks/ch06_prefetch_and_throughput.ipynb": 96, "tests/test_lab09.py": 96,
+    "tests/test_lab05.py": 94, "tests/test_lab08.py": 91, "notebooks/ch08_capstone.ipynb": 83,
+    "notebooks/ch09_broker_failures.ipynb": 83, "tests/test_browser.py": 78,
+    "solutions/lab08_capstone.ipynb": 76, "notebooks/ch04_delivery_and_idempotency.ipynb": 75,
+    "solutions/lab09_broker_failures.ipynb": 65, "notebooks/ch01_brokers_and_messages.ipynb": 55,
+    "tests/test_lab03.py": 54, "solutions/lab02_pool_and_concurrency.ipynb": 54,
+    "notebooks/ch03_queue_routing.ipynb": 54, "notebooks/ch10_workflows.ipynb": 48,
+}
+
+
+def _cost(path: str) -> float:
+    if path in COST:
+        return COST[path]
+    name = path.rsplit("/", 1)[-1]
+    return 60 if name.startswith("test_lab") else 50 if path.startswith("notebooks/") else (
+        30 if path.startswith("solutions/") else 10)
+
+
+def pytest_collection_modifyitems(config, items):
+    if not getattr(config.option, "loadscopereorder", True):
+        files = {item.nodeid.split("::")[0] for item in items}
+        rank = {f: n for n, f in enumerate(sorted(files, key=lambda f: (-_cost(f), f)))}
+        items.sort(key=lambda item: rank[item.nodeid.split("::")[0]])  # stable: cells stay in order
+
+
 # Where the suite's time goes: each test file's total (setup + call + teardown of its items, added
 # up across xdist workers), printed after pytest's own slowest items (--durations).
 _spent: dict[str, float] = {}

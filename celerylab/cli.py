@@ -186,7 +186,7 @@ def cmd_test(args) -> int:
     import pytest
     extra = list(args.pytest_args)
     if not any(a.startswith("-n") for a in extra):
-        extra = ["-n", "4", "--dist", "loadfile", *extra]
+        extra = ["-n", "4", "--dist", "loadfile", "--no-loadscope-reorder", *extra]  # conftest.COST
     if not any(a.startswith("--durations") for a in extra):
         extra = ["--durations=15", *extra]  # the slowest items; conftest.py adds each file's total
     paths = [a for a in extra if Path(a.split("::")[0]).exists()]  # ./course test tests/x.py
