@@ -4,6 +4,8 @@
     ./course bench --notebooks     also each notebook's wall time (run one after another)
     ./course bench --notebooks --hog 1
                                    the same with a busy loop beside (a laptop doing other work)
+    ./course bench --only ch10,lab10
+                                   only the notebooks whose names contain one of these
     ./course bench --suite         also the whole test suite's wall time
     ./course bench --soak N [--hog K]
                                    the whole suite N times in a row, with K busy-loop processes
@@ -85,12 +87,15 @@ def stack_figures(rounds: int = 3) -> dict:
             "memory: Redis + worker (-c 1) after 200 tasks, MiB": memory / 1024}
 
 
-def notebook_times() -> dict:
+def notebook_times(only: str = "") -> dict:
     import nbformat
     from nbclient import NotebookClient
     times = {}
+    wanted = [w for w in only.split(",") if w]
     for d in ("notebooks", "solutions"):
         for nb_path in sorted((ROOT / d).glob("*.ipynb")):
+            if wanted and not any(w in nb_path.name for w in wanted):
+                continue
             nb = nbformat.read(nb_path, as_version=4)
             t0 = time.monotonic()
             NotebookClient(nb, timeout=300, kernel_name="python3",
@@ -201,7 +206,7 @@ def soak(runs: int, hogs: int = 0, pytest_args=()) -> int:
     return 0 if all(results) else 1
 
 
-def main(notebooks: bool = False, suite: bool = False, hogs: int = 0) -> int:
+def main(notebooks: bool = False, suite: bool = False, hogs: int = 0, only: str = "") -> int:
     print(f"# celerylab figures  ({os.cpu_count()} cores, Python {sys.version.split()[0]}"
           f"{f', {hogs} busy loop(s) beside' if hogs else ''})")
     from celerylab.reference import busy_loop
@@ -209,7 +214,7 @@ def main(notebooks: bool = False, suite: bool = False, hogs: int = 0) -> int:
     try:
         figures = stack_figures()
         if notebooks:
-            figures.update(notebook_times())
+            figures.update(notebook_times(only))
     finally:
         for b in busy:
             b.kill()

@@ -390,7 +390,7 @@ def cmd_bench(args) -> int:
         from celerylab.bench import record_burst
         record_burst()
         return 0
-    return bench(args.notebooks, args.suite, args.hog)
+    return bench(args.notebooks or bool(args.only), args.suite, args.hog, args.only)
 
 
 def main(argv=None) -> int:
@@ -421,6 +421,9 @@ def main(argv=None) -> int:
     sub.add_parser("preflight").set_defaults(fn=cmd_preflight)
     p = sub.add_parser("bench")
     p.add_argument("--notebooks", action="store_true", help="also time every notebook")
+    p.add_argument("--only", metavar="NAMES", default="",
+                   help="with --notebooks: only the notebooks whose names contain one of these "
+                        "(comma-separated: ch10,lab10)")
     p.add_argument("--suite", action="store_true", help="also time the whole test suite")
     p.add_argument("--soak", type=int, metavar="N", default=0,
                    help="run the whole suite N times in a row; print pass/fail per run")
