@@ -162,7 +162,8 @@ app.conf.update(
 ### END SOLUTION
 
 
-# 2. The steps. Each takes the order id first; add parameters or options as you need.
+# 2. The steps (the chord's body gets the shipments' results first). Add parameters or options
+#    as you need.
 @app.task(bind=True)
 def charge(self, order_id):
     """Charge the order (bank_charge)."""
