@@ -252,9 +252,8 @@ assert ran[2]["trail"] == ["validate", "charge"] and ran[3]["trail"] is None  # 
 # ## 2. A failing step, a retrying step, and `link_error`
 #
 # Now `charge` raises. `link_error` on a chain is linked to each of its steps
-# (`_chain.prepare_steps`); celery calls the error
-# callback in the process that saw the failure (a task whose parameters are
-# `(request, exc, traceback)` is called there directly, not sent).
+# (`_chain.prepare_steps`); celery calls the error callback in the process that saw the failure
+# (a task whose parameters are `(request, exc, traceback)` is called there directly, not sent).
 
 # %%
 order = "o-2"
@@ -344,8 +343,7 @@ assert len(errors()) == 1  # section 2's: none for either crash
 # A chain also has a window of its own, which this cell does not hit: a step's process sends the
 # next step as soon as the step's function returns, before it stores the result and before a late
 # acknowledgement (`celery/app/trace.py`), so a crash in that instant, under `acks_late`, runs the
-# step again **and sends the next step twice**.
-# Idempotent steps make that harmless too.
+# step again **and sends the next step twice**. Idempotent steps make that harmless too.
 #
 # So a workflow needs a check that does not depend on any of its own steps running: a sweep that
 # finds orders started long ago with no outcome (chapter 7's oldest age, for workflows). Lab 10
@@ -479,8 +477,8 @@ w_brief.stop()
 #
 # The header's last task found no chord size (`.s`) and so nothing to complete: no error, no log
 # line. Keep the chord's expiry (`result_chord_expires`, or `result_expires`) far longer than any
-# header can take, including its retries and a redelivery an hour later; never delete `celery-*` keys of a live system; and
-# watch the workflow from outside (section 3's sweep).
+# header can take, including its retries and a redelivery an hour later; never delete `celery-*`
+# keys of a live system; and watch the workflow from outside (section 3's sweep).
 #
 # A chord's cost is in the backend. A chord over 300 tiny tasks:
 
@@ -618,7 +616,7 @@ assert sorted(runs("counted")[-1]["values"]) == list(range(50))
 # | worker killed mid-chain, early ack | **nothing**: the chain stops, no error | `acks_late` + idempotent steps; a sweep for old unfinished workflows | SIGKILL mid-step, count steps | oldest unfinished workflow's age |
 # | worker killed mid-chain, `acks_late` | a step runs twice (a window sends the next twice) | idempotent steps (ch. 4) | SIGKILL mid-step, count effects | duplicate effects |
 # | a chord's header task fails | `ChordError` on the body; the body never runs | a body errback; a body that handles partial results | a header task that raises | chords failed |
-# | a chord's state expired or deleted | **nothing**: the body never runs | `result_expires` far above the header's longest time; a sweep | expire or delete mid-chord | oldest unfinished workflow's age |
+# | a chord's state expired or deleted | **nothing**: the body never runs | the chord's expiry (`result_chord_expires`, `result_expires`) far above the longest gap between header returns; a sweep | expire or delete mid-chord | oldest unfinished workflow's age |
 # | a big chord | a key per task for `result_expires`; backend memory | `chunks`, a counter, shorter result expiry (with care) | a chord of N, count keys | backend memory, keys |
 #
 # ## Lab 10
