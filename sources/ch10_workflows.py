@@ -547,7 +547,9 @@ assert stored == 0 and not g.ready()
 def measured(signature):
     stack.clear_records()
     signature.apply_async().get(timeout=30)
-    done = stack.records()
+    # a result is stored just before its task's last recorded event (task_postrun)
+    done = stack.wait_until(lambda: (found := stack.records()) and all(
+        a.finished for a in found) and found, 5, "the recording of every task's end")
     makespan = max(a.finished for a in done) - min(a.started for a in done)
     stored = db.exists(*[f"celery-task-meta-{a.id}" for a in done])
     return {"messages": len(done), "makespan": makespan, "result keys": stored}

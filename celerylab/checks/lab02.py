@@ -160,12 +160,12 @@ def check_lab02(choose_layout, stack) -> None:
 
     # I/O-bound: in waves of the time one task takes, whatever the machine's speed.
     # The layout's own room for waits at once (solo runs one): when it, or what was seen running
-    # at once, would finish within half the target's waves, a slower finish is the machine's load
-    # (a busy machine starts the I/O tasks late), not the answer.
+    # at once, would finish a wave or more within the target, a slower finish is the machine's
+    # load (a busy machine starts the I/O tasks late), not the answer.
     overlapped = fig["io tasks at once"]
     room = sum(1 if w["pool"] == "solo" else w["concurrency"] for w in layout if "io" in w["queues"])
     if fig["io waves"] is not None and fig["io waves"] > LAB02_MAX_WAVES and not shared and \
-            max(overlapped, room) * LAB02_MAX_WAVES >= 2 * n_io:
+            -(-n_io // max(overlapped, room, 1)) <= LAB02_MAX_WAVES - 1:
         raise MachineTooBusy(f"the {n_io} I/O-bound tasks ran on a worker of their own with room "
                              f"for {room} at once (up to {overlapped} ran at once), enough to "
                              f"finish well within {LAB02_MAX_WAVES} waves, "
