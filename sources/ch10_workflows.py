@@ -370,7 +370,9 @@ during = chord_keys()
 joining = stack.wait_until(lambda: (keys := chord_keys()).get("j") and keys, 5,
                            "the header's first results")
 print("sum:", result.get(timeout=10))
-after = chord_keys()
+# the header task that sent the body cleans up right after sending it
+after = stack.wait_until(lambda: (keys := chord_keys()) and "s" not in keys and keys, 5,
+                         "the chord's clean-up")
 marker = next(db.scan_iter("celery-taskset-meta-*.c"))
 done_marker, marker_ttl = db.get(marker), db.ttl(marker)
 ttl = db.ttl(f"celery-task-meta-{result.id}")
@@ -490,6 +492,8 @@ while not result.ready():
     peak = max([peak] + [db.memory_usage(k) or 0 for k in db.scan_iter("celery-taskset-meta-*.j")])
     time.sleep(0.01)
 ids = [r.id for r in result.parent.results] + [result.id]
+stack.wait_until(lambda: not db.exists(f"celery-taskset-meta-{result.parent.id}.s"), 5,
+                 "the chord's clean-up")
 added_keys = db.exists(*[f"celery-task-meta-{i}" for i in ids]) + len(
     list(db.scan_iter(f"celery-taskset-meta-{result.parent.id}.*")))
 added_bytes = db.info("memory")["used_memory"] - before_bytes
