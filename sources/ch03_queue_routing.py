@@ -215,9 +215,9 @@ assert shared["p50"] > 1.0, "in the shared queue, lookups wait at least one 1 s 
 
 
 def did_not_wait(p95):
-    """Ten times faster than shared; or, on a busy machine, well under a resize's wait (half the
-    shared median) or as fast as the lookups alone (measured just after, in this run)."""
-    return p95 * 10 < shared["p50"] or p95 * 2 < shared["p50"] or p95 <= 2 * alone["p95"]
+    """Well under a resize's wait (half the shared median; here it is usually ten times under),
+    or, on a busy machine, as fast as the lookups alone (measured just after, in this run)."""
+    return p95 * 2 < shared["p50"] or p95 <= 2 * alone["p95"]
 
 
 if isolated["p95"] * 10 >= shared["p50"]:
