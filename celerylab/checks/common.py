@@ -74,28 +74,43 @@ def import_answer(name: str):
                              f"Run `import {name}` in a cell to see where it breaks.") from None
 
 
-def call_within(fn, *args, what: str, limit: float):
-    """``call_learner`` in a thread, bounded: a call still running after ``limit`` seconds is a
-    hint (left to finish on its own), never a hang of the check."""
+def bounded(fn, *args, what: str, limit: float, raises_ok: bool = False):
+    """Call the learner's ``fn`` in a thread: (returned value, seconds), or (the thread, None)
+    when it is still running after ``limit`` (left to finish on its own). ``raises_ok``: an
+    exception counts as having returned (None)."""
     import threading
+    import time
     box: dict = {}
 
     def run():
+        t0 = time.monotonic()
         try:
-            box["value"] = call_learner(fn, *args, what=what)
-        except BaseException as exc:  # noqa: BLE001 (re-raised in the checker's thread)
+            box["value"] = fn(*args) if raises_ok else call_learner(fn, *args, what=what)
+        except LabCheckFailed as exc:
             box["error"] = exc
+        except Exception:  # raises_ok only: call_learner turns everything else into a hint
+            box["value"] = None
+        box["took"] = time.monotonic() - t0
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     thread.join(limit)
+    if "error" in box:
+        raise box["error"]
     if thread.is_alive():
+        return thread, None
+    return box.get("value"), box["took"]
+
+
+def call_within(fn, *args, what: str, limit: float):
+    """``bounded``, with a call still running after ``limit`` seconds made a hint: never a hang
+    of the check."""
+    value, took = bounded(fn, *args, what=what, limit=limit)
+    if took is None:
         raise LabCheckFailed(f"{what} had not returned after {limit:.0f} s. Does it wait for "
                              "something (a task's result, a lock)? It should do its part and "
                              "return.")
-    if "error" in box:
-        raise box["error"]
-    return box.get("value")
+    return value
 
 
 def checker(fn):

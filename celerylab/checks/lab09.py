@@ -42,14 +42,19 @@ import json
 import numbers
 import os
 import signal
-import threading
 import time
 
 import redis
 from kombu.exceptions import OperationalError
 
 from celerylab import outage, recording
-from celerylab.checks.common import LabCheckFailed, call_learner, checker, import_answer, ok
+from celerylab.checks.common import (
+    LabCheckFailed,
+    bounded,
+    checker,
+    import_answer,
+    ok,
+)
 from celerylab.workers import WorkerError
 
 MODULE = "lab09_tasks"
@@ -65,32 +70,6 @@ MAX_RECONNECT = 60.0
 PROBE_WITHIN = 10.0
 VISIBILITY_TIMEOUT = 3600  # s: kombu's default, the lab's
 SETTLE = 20.0  # s for orders to ship once they can
-
-
-def _bounded(fn, *args, what: str, limit: float, raises_ok: bool = False):
-    """Call the learner's ``fn`` in a thread: (returned value, seconds), or (the thread, None)
-    when it is still running after ``limit`` (left to finish on its own). ``raises_ok``: an
-    exception counts as having returned (None)."""
-    box: dict = {}
-
-    def run():
-        t0 = time.monotonic()
-        try:
-            box["value"] = fn(*args) if raises_ok else call_learner(fn, *args, what=what)
-        except LabCheckFailed as exc:
-            box["error"] = exc
-        except Exception:  # raises_ok only: call_learner turns everything else into a hint
-            box["value"] = None
-        box["took"] = time.monotonic() - t0
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(limit)
-    if "error" in box:
-        raise box["error"]
-    if thread.is_alive():
-        return thread, None
-    return box.get("value"), box["took"]
 
 
 def _module():
@@ -187,7 +166,7 @@ def check_lab09(submit, drain_outbox, probe, broker, stack) -> None:
         if server.group is None or not server.group.alive:
             server.start(watchdog=stack.watchdog)
     shop = _Shop(stack, broker)
-    _bounded(drain_outbox, what="drain_outbox()", limit=10)  # what an earlier check left...
+    bounded(drain_outbox, what="drain_outbox()", limit=10)  # what an earlier check left...
     stack.reset()  # ...goes with everything else: workers stopped, the database emptied
     shop.bq.flushdb()
     worker = stack.worker(MODULE, name="lab09", concurrency=2, prefetch_multiplier=4).start()
@@ -224,11 +203,11 @@ def _reference(shop) -> float:
 
 def _healthy(submit, probe, shop, stack) -> None:
     """Healthy: the probe says so, an order ships once."""
-    healthy, _ = _bounded(probe, what="probe()", limit=PROBE_WITHIN)
+    healthy, _ = bounded(probe, what="probe()", limit=PROBE_WITHIN)
     if healthy is not True:
         raise LabCheckFailed(f"probe() returned {healthy!r} for a healthy worker that consumes "
                              "the queue: it must return True then (and only then).")
-    answer, took = _bounded(submit, "ref-1", what="submit('ref-1')", limit=SUBMIT_WITHIN)
+    answer, took = bounded(submit, "ref-1", what="submit('ref-1')", limit=SUBMIT_WITHIN)
     if answer != "sent":
         raise LabCheckFailed(f"submit('ref-1') returned {answer!r} with the broker up: it must "
                              "send the order and return \"sent\".")
@@ -269,7 +248,7 @@ def _restart(submit, drain_outbox, bound, broker, shop, worker, stack, within: f
     down = time.monotonic()
     try:
         for order in orders:
-            answer, took = _bounded(submit, order, what=f"submit({order!r})", limit=within)
+            answer, took = bounded(submit, order, what=f"submit({order!r})", limit=within)
             if took is None:
                 raise LabCheckFailed(
                     f"With the broker down (connections refused), submit({order!r}) had not "
@@ -281,7 +260,7 @@ def _restart(submit, drain_outbox, bound, broker, shop, worker, stack, within: f
                     "cannot have been sent. Keep it somewhere that is not the broker and return "
                     "\"outbox\".")
         # a drain job that runs during the outage must keep what it could not send
-        _, drained_in = _bounded(drain_outbox, what="drain_outbox()", limit=within * 3,
+        _, drained_in = bounded(drain_outbox, what="drain_outbox()", limit=within * 3,
                                  raises_ok=True)
         if drained_in is None:
             raise LabCheckFailed(f"With the broker down, drain_outbox() had not returned after "
@@ -303,7 +282,7 @@ def _restart(submit, drain_outbox, bound, broker, shop, worker, stack, within: f
             f"The worker consumed again {back:.1f} s after the broker returned; you promised "
             f"RECONNECT_WITHIN_S = {bound:g}. Chapter 9 showed when a worker tries again after a "
             "lost connection: does your bound allow for that schedule?")
-    sent, drained_in = _bounded(drain_outbox, what="drain_outbox()", limit=10)
+    sent, drained_in = bounded(drain_outbox, what="drain_outbox()", limit=10)
     if drained_in is None:
         raise LabCheckFailed("drain_outbox() had not returned after 10 s with the broker up.")
     if sent != len(orders):
@@ -312,7 +291,7 @@ def _restart(submit, drain_outbox, bound, broker, shop, worker, stack, within: f
             "outbox: it must send them and return how many. (It also ran once while the broker "
             "was down: does it remove an order it could not send?)")
     shop.wait_shipped(stack, orders, "after the restart and drain_outbox()")
-    again, _ = _bounded(drain_outbox, what="drain_outbox()", limit=10)
+    again, _ = bounded(drain_outbox, what="drain_outbox()", limit=10)
     if again:
         raise LabCheckFailed(f"A second drain_outbox() sent {again!r} more: an order stays in "
                              "the outbox after it was sent.")
@@ -322,7 +301,7 @@ def _restart(submit, drain_outbox, bound, broker, shop, worker, stack, within: f
 
 def _frozen(submit, drain_outbox, broker, shop, stack, within: float) -> None:
     with outage.frozen(broker):
-        answer, took = _bounded(submit, "frozen-1", what="submit('frozen-1')",
+        answer, took = bounded(submit, "frozen-1", what="submit('frozen-1')",
                                 limit=within)
     if took is None:
         answer.join(10)  # the thread: it returns now that the broker answers
@@ -332,7 +311,7 @@ def _frozen(submit, drain_outbox, broker, shop, stack, within: float) -> None:
             "as long as the broker does. What bounds how long a read from the broker waits?")
     if answer not in ("sent", "outbox"):
         raise LabCheckFailed(f"submit('frozen-1') returned {answer!r}: \"sent\" or \"outbox\".")
-    _bounded(drain_outbox, what="drain_outbox()", limit=10)
+    bounded(drain_outbox, what="drain_outbox()", limit=10)
     shop.wait_shipped(stack, ["frozen-1"], "after the freeze and drain_outbox()")
     ok(f"broker frozen: submit() answered {answer!r} in {took:.1f} s; after the thaw it shipped "
        f"once ({shop.attempts('frozen-1')} attempt(s))")
@@ -345,7 +324,7 @@ def _stuck(probe, tasks, worker) -> None:
         if not control.ping([worker.hostname], timeout=3):
             raise LabCheckFailed("The worker did not answer ping: the check needs the worker's "
                                  "remote control (is it turned off in lab09_tasks.py?).")
-        said, took = _bounded(probe, what="probe()", limit=PROBE_WITHIN)
+        said, took = bounded(probe, what="probe()", limit=PROBE_WITHIN)
         if took is None or said is not False:
             raise LabCheckFailed(
                 f"probe() said {said!r} (or did not answer within {PROBE_WITHIN:g} s) while the "
@@ -353,7 +332,7 @@ def _stuck(probe, tasks, worker) -> None:
                 "what would only get done if the queue is really consumed?")
     finally:
         control.add_consumer("celery", destination=[worker.hostname], reply=True, timeout=3)
-    healthy, _ = _bounded(probe, what="probe()", limit=PROBE_WITHIN)
+    healthy, _ = bounded(probe, what="probe()", limit=PROBE_WITHIN)
     if healthy is not True:
         raise LabCheckFailed(f"probe() said {healthy!r} once the worker consumed again: a probe "
                              "that stays unhealthy pages for nothing.")
@@ -365,7 +344,7 @@ def _stuck(probe, tasks, worker) -> None:
     for pid in children:
         os.kill(pid, signal.SIGSTOP)
     try:
-        said, took = _bounded(probe, what="probe()", limit=PROBE_WITHIN)
+        said, took = bounded(probe, what="probe()", limit=PROBE_WITHIN)
     finally:
         for pid in children:
             os.kill(pid, signal.SIGCONT)
@@ -430,7 +409,7 @@ def _failover(submit, drain_outbox, bound, shop, stack, within: float) -> None:
         primary.wait(1, 5000)  # the replica has them: what is lost here is the answer's doing
         old = sentinel_set.primary_port()
         sentinel_set.kill_primary()
-        answer, took = _bounded(submit, "fo-3", what="submit('fo-3')", limit=within)
+        answer, took = bounded(submit, "fo-3", what="submit('fo-3')", limit=within)
         if took is None:
             answer.join(30)
             raise LabCheckFailed(
@@ -461,7 +440,7 @@ def _failover(submit, drain_outbox, bound, shop, stack, within: float) -> None:
             raise LabCheckFailed(
                 f"After the failover the worker consumed again {back:.1f} s after the replica was "
                 f"promoted{restarted}; you promised RECONNECT_WITHIN_S = {bound:g}.")
-        _, drained_in = _bounded(drain_outbox, what="drain_outbox()", limit=10)
+        _, drained_in = bounded(drain_outbox, what="drain_outbox()", limit=10)
         if drained_in is None:
             raise LabCheckFailed("drain_outbox() had not returned after 10 s with a new primary.")
         held = shop.wait_shipped(stack, [*orders, "fo-3"], "through the failover", held_ok=orders)
